@@ -1,0 +1,35 @@
+"""CPU-sized scale points: byte-level vocabulary, short sequences, Chinchilla-optimal token counts.
+
+`get_config("cpu_default")` is what `python -m experiments.run` trains with no --config.
+"""
+
+from chinchax.config import base_config
+
+SEQ = 256
+
+# name: (layers, d_model, heads, batch, peak LR)
+POINTS_TABLE = {
+    "cpu_tiny": (2, 64, 4, 16, 3e-3),
+    "cpu_default": (4, 96, 4, 16, 3e-3),
+    "cpu_small": (4, 128, 4, 16, 2e-3),
+}
+POINTS = tuple(POINTS_TABLE)
+
+
+def get_config(name: str = "cpu_default"):
+    """A CPU-sized, byte-level point trained for 20 tokens per parameter on the embedded corpus."""
+    if name not in POINTS_TABLE:
+        raise ValueError(f"unknown CPU scale point {name!r}; known: {', '.join(POINTS)}")
+    layers, d, heads, batch, lr = POINTS_TABLE[name]
+    cfg = base_config()
+    cfg.name = name
+    cfg.model.update(vocab_size=257, max_positions=SEQ, n_layers=layers, d_model=d, n_heads=heads)
+    cfg.data.update(dataset="embedded", tokenizer="bytes", seq_len=SEQ)
+    cfg.train.update(
+        batch_size=batch,
+        tokens_per_param=20.0,
+        peak_lr=lr,
+        warmup_tokens=20 * batch * SEQ,
+        decay="cosine",
+    )
+    return cfg

@@ -1,0 +1,241 @@
+"""The experiment config: one schema with a docstring per field, strict validation, derived quantities.
+
+A config is an `ml_collections.ConfigDict` built from `SCHEMA` and locked, so a misspelt key fails at once.
+Scale points (experiments/configs/) start from `base_config()` and set what differs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+# Every field: dotted key -> (default, one-line docstring). Units are in the docstring.
+SCHEMA: dict[str, tuple[object, str]] = {
+    "name": ("custom", "Name of the scale point, used in plans and results."),
+    # The model (Cerebras-GPT / GPT-2 architecture).
+    "model.vocab_size": (50257, "Vocabulary size: 50257 for GPT-2 BPE, 257 for bytes + EOS."),
+    "model.max_positions": (
+        2048,
+        "Number of learned absolute positions (maximum sequence length).",
+    ),
+    "model.d_model": (768, "Width of the residual stream."),
+    "model.n_layers": (12, "Number of transformer blocks."),
+    "model.n_heads": (12, "Attention heads per block; must divide d_model."),
+    "model.d_ffn": (0, "Hidden width of the MLP; 0 means 4 * d_model."),
+    "model.parametrization": (
+        "sp",
+        "'sp' (standard, GPT-2/3) or 'mup' (Cerebras maximal-update rules).",
+    ),
+    "model.init_std": (0.02, "Init σ of embeddings and hidden matrices (SP), or σ_base (μP)."),
+    "model.out_proj_init_std": (
+        0.0,
+        "SP init σ of attn-out and fc2; 0 means init_std / sqrt(2 n_layers).",
+    ),
+    "model.mup_base_width": (
+        256,
+        "μP base width: the width multiplier is m = d_model / mup_base_width.",
+    ),
+    "model.mup_embedding_multiplier": (
+        10.0,
+        "μP: the summed embedding output is multiplied by this.",
+    ),
+    "model.mup_output_alpha": (1.0, "μP: logits are multiplied by mup_output_alpha / m."),
+    "model.layer_norm_eps": (1e-5, "LayerNorm epsilon."),
+    "model.compute_dtype": (
+        "float32",
+        "Matmul dtype, 'float32' or 'bfloat16'; params, softmax, loss fp32.",
+    ),
+    "model.remat": (
+        False,
+        "Recompute each block's activations in the backward pass (saves memory).",
+    ),
+    # Data.
+    "data.dataset": ("embedded", "Corpus name or path of a corpus / prepared token store."),
+    "data.tokenizer": ("gpt2", "'gpt2' (BPE, 50257 ids) or 'bytes' (256 bytes + EOS)."),
+    "data.seq_len": (2048, "Tokens per training sequence; at most model.max_positions."),
+    # Optimisation (the Cerebras-GPT recipe; the schedule is defined in tokens).
+    "train.batch_size": (
+        120,
+        "Sequences per optimizer step (the first batch size if batch_ramp is set).",
+    ),
+    "train.batch_ramp": (
+        (),
+        "Later batch sizes as ((start_token, sequences), ...); () for constant.",
+    ),
+    "train.tokens": (0, "Training tokens; 0 means tokens_per_param * params."),
+    "train.tokens_per_param": (
+        20.0,
+        "Tokens per parameter when train.tokens is 0 (Chinchilla: 20).",
+    ),
+    "train.peak_lr": (6e-4, "Peak learning rate (μP: η_base, scaled per parameter role)."),
+    "train.end_lr_fraction": (0.1, "Learning rate at the last step as a fraction of peak_lr."),
+    "train.warmup_tokens": (0, "Tokens of linear warmup from 0 to peak_lr."),
+    "train.decay": (
+        "linear",
+        "Decay after warmup: 'linear' or 'cosine' (to end_lr_fraction * peak).",
+    ),
+    "train.adam_b1": (0.9, "AdamW β1."),
+    "train.adam_b2": (0.95, "AdamW β2."),
+    "train.adam_eps": (1e-8, "AdamW ε."),
+    "train.weight_decay": (0.1, "Decoupled weight decay (not applied to biases and LayerNorm)."),
+    "train.grad_clip_norm": (1.0, "Global gradient-norm clip; 0 disables."),
+    "train.microbatches": (
+        1,
+        "Gradient-accumulation microbatches per step; must divide batch sizes.",
+    ),
+    "train.seed": (0, "Seed for initialisation and data order."),
+}
+
+PARAMETRIZATIONS = ("sp", "mup")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+TOKENIZERS = {"gpt2": 50257, "bytes": 257}
+DECAYS = ("linear", "cosine")
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a valid run; the message is one line naming the field."""
+
+
+def _nest(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The schema's defaults as a locked ConfigDict: adding a key that is not in SCHEMA raises."""
+    cfg = ml_collections.ConfigDict(_nest({k: v for k, (v, _) in SCHEMA.items()}))
+    cfg.lock()
+    return cfg
+
+
+def describe() -> str:
+    """Every field with its default and docstring, one per line (for --help style listings)."""
+    return "\n".join(f"{k:32s} {v!r:12} {doc}" for k, (v, doc) in SCHEMA.items())
+
+
+def d_ffn(model: ml_collections.ConfigDict) -> int:
+    """MLP hidden width."""
+    return model.d_ffn or 4 * model.d_model
+
+
+def d_head(model: ml_collections.ConfigDict) -> int:
+    """Width of one attention head."""
+    return model.d_model // model.n_heads
+
+
+def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            keys += _flat_keys(v, f"{prefix}{k}.")
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Raise ConfigError (one line, naming the field) for anything that cannot run; return cfg."""
+    unknown = sorted(set(_flat_keys(cfg)) - set(SCHEMA))
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+    m, d, t = cfg.model, cfg.data, cfg.train
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"config {cfg.name!r}: {message}")
+
+    for key in ("vocab_size", "max_positions", "d_model", "n_layers", "n_heads"):
+        need(
+            isinstance(m[key], int) and m[key] > 0, f"model.{key}={m[key]!r} must be a positive int"
+        )
+    need(m.d_ffn >= 0, f"model.d_ffn={m.d_ffn} must be >= 0")
+    need(
+        m.d_model % m.n_heads == 0,
+        f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}",
+    )
+    need(
+        m.parametrization in PARAMETRIZATIONS,
+        f"model.parametrization={m.parametrization!r} is not one of {PARAMETRIZATIONS}",
+    )
+    need(
+        m.compute_dtype in COMPUTE_DTYPES,
+        f"model.compute_dtype={m.compute_dtype!r} is not one of {COMPUTE_DTYPES}",
+    )
+    need(m.init_std > 0, f"model.init_std={m.init_std} must be > 0")
+    need(m.out_proj_init_std >= 0, f"model.out_proj_init_std={m.out_proj_init_std} must be >= 0")
+    need(m.mup_base_width > 0, f"model.mup_base_width={m.mup_base_width} must be > 0")
+    need(
+        d.tokenizer in TOKENIZERS,
+        f"data.tokenizer={d.tokenizer!r} is not one of {list(TOKENIZERS)}",
+    )
+    need(
+        m.vocab_size >= TOKENIZERS[d.tokenizer],
+        f"model.vocab_size={m.vocab_size} is smaller than the {d.tokenizer} tokenizer's "
+        f"{TOKENIZERS[d.tokenizer]} ids",
+    )
+    need(
+        0 < d.seq_len <= m.max_positions,
+        f"data.seq_len={d.seq_len} must be in 1..model.max_positions={m.max_positions}",
+    )
+    need(t.decay in DECAYS, f"train.decay={t.decay!r} is not one of {DECAYS}")
+    need(t.peak_lr > 0, f"train.peak_lr={t.peak_lr} must be > 0")
+    need(
+        0 <= t.end_lr_fraction <= 1, f"train.end_lr_fraction={t.end_lr_fraction} must be in [0, 1]"
+    )
+    need(
+        t.tokens >= 0 and t.warmup_tokens >= 0, "train.tokens and train.warmup_tokens must be >= 0"
+    )
+    need(
+        t.tokens > 0 or t.tokens_per_param > 0,
+        "one of train.tokens or train.tokens_per_param must be > 0",
+    )
+    need(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be >= 1")
+    last_start = 0
+    for start, size in batch_schedule(t):
+        need(
+            size > 0 and size % t.microbatches == 0,
+            f"train batch size {size} is not a positive multiple of "
+            f"train.microbatches={t.microbatches}",
+        )
+        need(start >= last_start, f"train.batch_ramp starts must increase, got {start}")
+        last_start = start
+    return cfg
+
+
+def batch_schedule(train: ml_collections.ConfigDict) -> list[tuple[int, int]]:
+    """((start_token, sequences_per_step), ...) starting at token 0."""
+    return [(0, train.batch_size)] + [(int(s), int(b)) for s, b in train.batch_ramp]
+
+
+def width_multiplier(model: ml_collections.ConfigDict) -> float:
+    """μP width multiplier m = d_model / base width (1 under SP)."""
+    if model.parametrization == "mup":
+        return model.d_model / model.mup_base_width
+    return 1.0
+
+
+def train_tokens(cfg: ml_collections.ConfigDict, params: int) -> int:
+    """Training tokens: train.tokens, else tokens_per_param * params rounded up to whole steps."""
+    if cfg.train.tokens:
+        return int(cfg.train.tokens)
+    step_tokens = cfg.train.batch_size * cfg.data.seq_len
+    wanted = cfg.train.tokens_per_param * params
+    return int(math.ceil(wanted / step_tokens)) * step_tokens
+
+
+def steps_for(cfg: ml_collections.ConfigDict, tokens: int) -> int:
+    """Optimizer steps needed to see `tokens` under the batch schedule (the last step may overshoot)."""
+    schedule = batch_schedule(cfg.train) + [(tokens, 0)]
+    steps = 0
+    for (start, size), (next_start, _) in zip(schedule, schedule[1:], strict=False):
+        end = min(next_start, tokens)
+        if end > start:
+            steps += math.ceil((end - start) / (size * cfg.data.seq_len))
+    return steps

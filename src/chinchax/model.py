@@ -1,0 +1,178 @@
+"""The Cerebras-GPT model (GPT-2/3 architecture) in Flax Linen.
+
+Learned absolute positions, pre-LN blocks with a final LayerNorm, dense causal attention with fused biased
+Q/K/V, an exact-GELU MLP, the head tied to the token embedding without a bias, no dropout. Blocks run under
+`nn.scan` (one compiled body, parameters stacked on a leading `layers` axis). Every parameter carries logical
+axis names for the sharding rules. Params are fp32; matmuls run in `compute_dtype`; softmax and logits are fp32.
+Init and forward multipliers come from `parametrization` (SP or μP). With `mutable=["intermediates"]` the
+forward pass also returns the mean |activation| of the embedding output, attention logits, every block's
+output and the logits (the μP coordinate check); otherwise those cost nothing.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from chinchax import parametrization
+from chinchax.config import d_ffn, d_head
+
+
+def _init(model: ml_collections.ConfigDict, role: str, axes: tuple):
+    return nn.with_logical_partitioning(parametrization.initializer(model, role), axes)
+
+
+def _layer_norm(model: ml_collections.ConfigDict, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=model.layer_norm_eps,
+        dtype=jnp.float32,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+def attention_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
+    """scale · q·kᵀ in fp32: (batch, seq, heads, d_head) × 2 → (batch, heads, q_seq, k_seq)."""
+    return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def causal_attention(logits: jax.Array, v: jax.Array) -> jax.Array:
+    """softmax(logits + causal mask) · v, softmax in fp32; returns (batch, seq, heads, d_head)."""
+    seq = logits.shape[-1]
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class Block(nn.Module):
+    """One pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    model: ml_collections.FrozenConfigDict
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _) -> tuple[jax.Array, None]:
+        cfg, dtype = self.model, jnp.dtype(self.model.compute_dtype)
+        heads, width = cfg.n_heads, d_head(cfg)
+        bias = lambda axes: _init(cfg, "bias", axes)
+
+        h = _layer_norm(cfg, "ln_1")(x)
+        qkv = nn.DenseGeneral(
+            (3, heads, width),
+            dtype=dtype,
+            kernel_init=_init(cfg, "hidden", ("embed", None, "heads", "head_dim")),
+            bias_init=bias((None, "heads", "head_dim")),
+            name="qkv",
+        )(h)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = attention_logits(q, k, parametrization.forward_multipliers(cfg).attention_scale)
+        self.sow("intermediates", "attention_logits", jnp.mean(jnp.abs(logits)))
+        y = causal_attention(logits, v)
+        y = nn.DenseGeneral(
+            cfg.d_model,
+            axis=(-2, -1),
+            dtype=dtype,
+            kernel_init=_init(cfg, "out_proj", ("heads", "head_dim", "embed")),
+            bias_init=bias(("embed",)),
+            name="attn_out",
+        )(y)
+        x = x + y
+
+        h = _layer_norm(cfg, "ln_2")(x)
+        h = nn.Dense(
+            d_ffn(cfg),
+            dtype=dtype,
+            kernel_init=_init(cfg, "hidden", ("embed", "mlp")),
+            bias_init=bias(("mlp",)),
+            name="fc1",
+        )(h)
+        h = nn.gelu(h, approximate=False)
+        h = nn.Dense(
+            cfg.d_model,
+            dtype=dtype,
+            kernel_init=_init(cfg, "out_proj", ("mlp", "embed")),
+            bias_init=bias(("embed",)),
+            name="fc2",
+        )(h)
+        x = x + h
+        self.sow("intermediates", "block_output", jnp.mean(jnp.abs(x)))
+        return x, None
+
+
+class GPT(nn.Module):
+    """tokens (batch, seq) int32 → logits (batch, seq, vocab) fp32."""
+
+    model: ml_collections.FrozenConfigDict
+
+    def setup(self):
+        cfg = self.model
+        self.token_embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            embedding_init=_init(cfg, "embedding", ("vocab", "embed")),
+            name="token_embed",
+        )
+        self.position_embed = self.param(
+            "position_embed",
+            _init(cfg, "embedding", (None, "embed")),
+            (cfg.max_positions, cfg.d_model),
+        )
+        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        self.blocks = nn.scan(
+            block,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True},
+            length=cfg.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, name="blocks")
+        self.ln_f = _layer_norm(cfg, "ln_f")
+
+    def features(self, tokens: jax.Array) -> jax.Array:
+        """The final-LayerNorm hidden states (batch, seq, d_model), fp32."""
+        multipliers = parametrization.forward_multipliers(self.model)
+        positions = self.position_embed[: tokens.shape[1]]
+        x = (self.token_embed(tokens) + positions) * multipliers.embedding
+        self.sow("intermediates", "embedding", jnp.mean(jnp.abs(x)))
+        x = x.astype(self.model.compute_dtype)
+        x, _ = self.blocks(x, None)
+        return self.ln_f(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Tied head: hidden · token_embedᵀ × the logit multiplier, fp32."""
+        dtype = jnp.dtype(self.model.compute_dtype)
+        embedding = self.token_embed.embedding.astype(dtype)
+        logits = jnp.einsum(
+            "bsd,vd->bsv", hidden.astype(dtype), embedding, preferred_element_type=jnp.float32
+        )
+        return logits * parametrization.forward_multipliers(self.model).logits
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        logits = self.logits(self.features(tokens))
+        self.sow("intermediates", "logits", jnp.mean(jnp.abs(logits)))
+        return logits
+
+
+def build(model: ml_collections.ConfigDict) -> GPT:
+    """The Flax module for a model config."""
+    return GPT(ml_collections.FrozenConfigDict(model))
+
+
+def init_params(model: ml_collections.ConfigDict, rng: jax.Array) -> dict:
+    """Initialised fp32 parameters (plain arrays, logical-axis boxes removed)."""
+    tokens = jnp.zeros((1, 1), dtype=jnp.int32)
+    return nn.unbox(build(model).init(rng, tokens)["params"])
+
+
+def param_shapes(model: ml_collections.ConfigDict) -> dict:
+    """Parameter ShapeDtypeStructs without allocating anything (jax.eval_shape)."""
+    return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+
+
+def logical_axes(model: ml_collections.ConfigDict) -> dict:
+    """PartitionSpecs of logical axis names, one per parameter (for the sharding rules)."""
+    tokens = jnp.zeros((1, 1), dtype=jnp.int32)
+    boxed = jax.eval_shape(lambda: build(model).init(jax.random.key(0), tokens)["params"])
+    return nn.get_partition_spec(boxed)

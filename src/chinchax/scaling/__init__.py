@@ -1,0 +1,1 @@
+"""Compute-optimal planning, scaling-law fits and their plots."""

@@ -1,0 +1,194 @@
+"""The published scale points against the paper's table (reference/cerebras_gpt.json)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from chinchax import config, dry_run, flops, model
+from experiments import configs
+
+SEQ = 2048
+
+
+def formula(reference, vocab, positions, d, layers):
+    """The paper's parameter formula, evaluated from its text in the reference file."""
+    text = reference["common"]["param_formula"].replace("^", "**")
+    return eval(text, {}, {"V": vocab, "S": positions, "d": d, "L": layers})  # noqa: S307
+
+
+def sp_points(reference):
+    return [(f"chinchilla_{p['name'].lower()}", p) for p in reference["sp"]]
+
+
+def test_every_sp_point_matches_the_table(cerebras_reference):
+    common = cerebras_reference["common"]
+    for name, ref in sp_points(cerebras_reference):
+        cfg = config.validate(configs.get(name))
+        plan = dry_run.report(cfg, devices=1)
+        expected = formula(
+            cerebras_reference,
+            common["vocab_size"],
+            common["seq_len"],
+            ref["d_model"],
+            ref["n_layers"],
+        )
+        assert plan["params"] == ref["params"] == expected, name
+        assert plan["paper_formula_params"] == ref["params"], name
+        assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.n_heads) == (
+            ref["n_layers"],
+            ref["d_model"],
+            ref["n_heads"],
+        ), name
+        assert config.d_head(cfg.model) == ref["d_head"], name
+        assert cfg.model.out_proj_init_std == pytest.approx(ref["out_proj_init_std"], rel=1e-9)
+        assert cfg.train.peak_lr == ref["peak_lr"] and cfg.train.decay == ref["decay"], name
+        assert cfg.train.adam_eps == ref.get("adam_eps", 1e-8), name
+        assert (
+            cfg.data.seq_len == common["seq_len"] and cfg.model.vocab_size == common["vocab_size"]
+        )
+        if isinstance(ref["batch"], int):
+            assert plan["steps"] == ref["steps"], name
+            assert plan["tokens"] == ref["steps"] * ref["batch"] * SEQ, name
+            assert cfg.train.warmup_tokens == ref["warmup_steps"] * ref["batch"] * SEQ, name
+        else:  # 13B: 720 sequences for the first 57,000 steps, then 1080
+            assert plan["tokens"] == ref["tokens"]
+            assert config.batch_schedule(cfg.train) == [(0, 720), (57_000 * 720 * SEQ, 1080)]
+            assert cfg.train.warmup_tokens == ref["warmup_steps"] * 720 * SEQ
+        assert plan["tokens_per_param"] == pytest.approx(common["tokens_per_param"], rel=1e-3)
+
+
+def test_every_mup_point_matches_the_table(cerebras_reference):
+    mup = cerebras_reference["mup"]
+    sp = {p["name"]: p for p in cerebras_reference["sp"]}
+    assert len(mup["models"]) == 5
+    for ref in mup["models"]:
+        cfg = config.validate(configs.get(f"mup_{ref['name'].lower()}"))
+        twin = sp[ref["name"]]
+        assert dry_run.report(cfg, devices=1)["params"] == twin["params"]
+        assert config.width_multiplier(cfg.model) == ref["m"]
+        assert cfg.model.mup_base_width == mup["base_width"]
+        assert cfg.model.init_std == mup["sigma_base"] and cfg.train.peak_lr == mup["eta_base"]
+        assert cfg.model.mup_embedding_multiplier == mup["embedding_multiplier"]
+        assert cfg.model.mup_output_alpha == mup["output_alpha"]
+        assert cfg.train.decay == ref["decay"]
+        assert cfg.train.end_lr_fraction * cfg.train.peak_lr == pytest.approx(6e-4)
+        assert cfg.train.batch_size == twin["batch"]
+
+
+def test_proxy_40m_matches_the_table(cerebras_reference):
+    ref = cerebras_reference["proxy_40m"]
+    cfg = config.validate(configs.get("mup_40m"))
+    plan = dry_run.report(cfg, devices=1)
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, config.d_ffn(cfg.model)) == (
+        ref["d_model"],
+        ref["n_layers"],
+        ref["n_heads"],
+        ref["d_ffn"],
+    )
+    assert (plan["tokens"], plan["steps"], cfg.train.batch_size) == (
+        ref["tokens"],
+        ref["steps"],
+        ref["batch"],
+    )
+    assert cfg.train.warmup_tokens == ref["warmup_steps"] * ref["batch"] * SEQ
+
+
+@pytest.mark.parametrize("name", ["cpu_tiny", "cpu_default", "cpu_small"])
+def test_initialised_tree_matches_the_count(name, cerebras_reference):
+    cfg = config.validate(configs.get(name))
+    params = model.init_params(cfg.model, jax.random.key(1))
+    count = sum(x.size for x in jax.tree.leaves(params))
+    m = cfg.model
+    assert (
+        count
+        == flops.param_count(m)
+        == formula(cerebras_reference, m.vocab_size, m.max_positions, m.d_model, m.n_layers)
+    )
+
+
+def test_detailed_flops_count_against_a_hand_count():
+    cfg = configs.get("chinchilla_111m")
+    d, L, S, V = 768, 10, 2048, 50257
+    forward = 2 * L * (3 * d * d + d * d + 2 * 4 * d * d) + 2 * L * 2 * S * d + 2 * d * V
+    assert flops.flops_per_token(cfg.model, S) == 3 * forward
+    assert flops.plan(cfg).flops_per_token_6n == 6 * 111_050_496
+
+
+def test_dry_run_cli_every_point_in_seconds():
+    """The CLI contract: the plan, then one JSON object last on stdout; 13B included, nothing allocated."""
+    for name in ["chinchilla_13b", "mup_2.7b", "cpu_default"]:
+        out = subprocess.run(
+            [sys.executable, "-m", "experiments.run", f"--config={name}", "--dry_run"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+        for key in (
+            "params",
+            "non_embedding_params",
+            "tokens",
+            "train_flops",
+            "flops_per_token",
+            "mesh",
+        ):
+            assert key in report, key
+        assert report["train_flops"] == pytest.approx(report["tokens"] * report["flops_per_token"])
+        assert report["non_embedding_params"] < report["params"]
+    assert report["params"] == flops.param_count(configs.get("cpu_default").model)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.model.n_heads=5", "not divisible by model.n_heads=5"),
+        ("--config.data.seq_len=4096", "data.seq_len=4096 must be in 1..model.max_positions=2048"),
+        ("--config.model.nonsense=1", "unknown config key 'model.nonsense'"),
+        ("--config.train.decay=step", "train.decay='step' is not one of"),
+        ("--config.train.microbatches=7", "not a positive multiple of train.microbatches=7"),
+        ("--config.data.tokenizer=chars", "data.tokenizer='chars' is not one of"),
+    ],
+)
+def test_bad_config_fails_in_one_line(override, message):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            "--config=chinchilla_111m",
+            override,
+            "--dry_run",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr, out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, out.stderr
+
+
+def test_unknown_scale_point_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown scale point 'chinchilla_3b'.*chinchilla_2.7b"):
+        configs.get("chinchilla_3b")
+
+
+def test_validate_catches_keys_added_behind_the_lock():
+    cfg = configs.get("cpu_tiny")
+    cfg.unlock()
+    cfg.model.typo_width = 3
+    with pytest.raises(config.ConfigError, match="unknown config key.*model.typo_width"):
+        config.validate(cfg)
+
+
+def test_13b_batch_ramp_steps():
+    cfg = configs.get("chinchilla_13b")
+    tokens = flops.plan(cfg).tokens
+    second = math.ceil((tokens - 57_000 * 720 * SEQ) / (1080 * SEQ))
+    assert flops.plan(cfg).steps == 57_000 + second
