@@ -32,12 +32,8 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
 _CONFIG = config_flags.DEFINE_config_file(
     "config", configs.config_path(configs.DEFAULT), "Scale point name or config file."
 )
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Run directory (resumes when it holds a checkpoint)."
-)
-_DRY_RUN = flags.DEFINE_bool(
-    "dry_run", False, "Print the plan and its JSON; build nothing on devices."
-)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumes when it holds a checkpoint).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan and its JSON; build nothing on devices.")
 
 
 def main(argv):

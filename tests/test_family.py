@@ -47,9 +47,7 @@ def test_every_sp_point_matches_the_table(cerebras_reference):
         assert cfg.model.out_proj_init_std == pytest.approx(ref["out_proj_init_std"], rel=1e-9)
         assert cfg.train.peak_lr == ref["peak_lr"] and cfg.train.decay == ref["decay"], name
         assert cfg.train.adam_eps == ref.get("adam_eps", 1e-8), name
-        assert (
-            cfg.data.seq_len == common["seq_len"] and cfg.model.vocab_size == common["vocab_size"]
-        )
+        assert cfg.data.seq_len == common["seq_len"] and cfg.model.vocab_size == common["vocab_size"]
         if isinstance(ref["batch"], int):
             assert plan["steps"] == ref["steps"], name
             assert plan["tokens"] == ref["steps"] * ref["batch"] * SEQ, name

@@ -34,9 +34,7 @@ def _family_point(name: str, size: str, parametrization: str):
     cfg = base_config()
     cfg.name = name
     cfg.model.update(n_layers=layers, d_model=d, n_heads=heads, parametrization=parametrization)
-    cfg.train.update(
-        batch_size=batch, warmup_tokens=warmup * batch * SEQ, decay=decay, adam_eps=eps
-    )
+    cfg.train.update(batch_size=batch, warmup_tokens=warmup * batch * SEQ, decay=decay, adam_eps=eps)
     if size == "13b":
         cfg.train.update(tokens=TOKENS_13B, batch_ramp=RAMP_13B)
     else:

@@ -152,9 +152,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             raise ConfigError(f"config {cfg.name!r}: {message}")
 
     for key in ("vocab_size", "max_positions", "d_model", "n_layers", "n_heads"):
-        need(
-            isinstance(m[key], int) and m[key] > 0, f"model.{key}={m[key]!r} must be a positive int"
-        )
+        need(isinstance(m[key], int) and m[key] > 0, f"model.{key}={m[key]!r} must be a positive int")
     need(m.d_ffn >= 0, f"model.d_ffn={m.d_ffn} must be >= 0")
     need(
         m.d_model % m.n_heads == 0,
@@ -186,12 +184,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     need(t.decay in DECAYS, f"train.decay={t.decay!r} is not one of {DECAYS}")
     need(t.peak_lr > 0, f"train.peak_lr={t.peak_lr} must be > 0")
-    need(
-        0 <= t.end_lr_fraction <= 1, f"train.end_lr_fraction={t.end_lr_fraction} must be in [0, 1]"
-    )
-    need(
-        t.tokens >= 0 and t.warmup_tokens >= 0, "train.tokens and train.warmup_tokens must be >= 0"
-    )
+    need(0 <= t.end_lr_fraction <= 1, f"train.end_lr_fraction={t.end_lr_fraction} must be in [0, 1]")
+    need(t.tokens >= 0 and t.warmup_tokens >= 0, "train.tokens and train.warmup_tokens must be >= 0")
     need(
         t.tokens > 0 or t.tokens_per_param > 0,
         "one of train.tokens or train.tokens_per_param must be > 0",
@@ -201,8 +195,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for start, size in batch_schedule(t):
         need(
             size > 0 and size % t.microbatches == 0,
-            f"train batch size {size} is not a positive multiple of "
-            f"train.microbatches={t.microbatches}",
+            f"train batch size {size} is not a positive multiple of train.microbatches={t.microbatches}",
         )
         need(start >= last_start, f"train.batch_ramp starts must increase, got {start}")
         last_start = start

@@ -49,9 +49,7 @@ ROLE_OF_MODULE = {
 class Rule:
     """How one parameter role is initialised and trained."""
 
-    init_std: (
-        float | None
-    )  # σ of the ±2σ truncated normal; 0 = zeros; None = LayerNorm (ones / zeros)
+    init_std: float | None  # σ of the ±2σ truncated normal; 0 = zeros; None = LayerNorm (ones / zeros)
     lr_multiplier: float  # multiplies the global learning-rate schedule
     weight_decay: bool  # whether decoupled weight decay applies
 
@@ -91,9 +89,7 @@ def forward_multipliers(model: ml_collections.ConfigDict) -> ForwardMultipliers:
     if model.parametrization == "sp":
         return ForwardMultipliers(1.0, 1.0 / math.sqrt(d_head(model)), 1.0)
     m = width_multiplier(model)
-    return ForwardMultipliers(
-        model.mup_embedding_multiplier, 1.0 / d_head(model), model.mup_output_alpha / m
-    )
+    return ForwardMultipliers(model.mup_embedding_multiplier, 1.0 / d_head(model), model.mup_output_alpha / m)
 
 
 def initializer(model: ml_collections.ConfigDict, role: str) -> jax.nn.initializers.Initializer:
@@ -129,6 +125,4 @@ def lr_multipliers(model: ml_collections.ConfigDict, params) -> optax.GradientTr
 def weight_decay_mask(model: ml_collections.ConfigDict, params) -> object:
     """True where decoupled weight decay applies (embeddings and kernels; not biases or norms)."""
     table = rules(model)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: table[role_of(path)].weight_decay, params
-    )
+    return jax.tree_util.tree_map_with_path(lambda path, _: table[role_of(path)].weight_decay, params)
