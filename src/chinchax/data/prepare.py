@@ -1,0 +1,260 @@
+"""corpus -> tokenizer -> token store, once: tokenize in parallel, split by document hash, write atomically.
+
+A store's folder name carries a fingerprint of everything that decides its contents (corpus identity,
+tokenizer, split fractions, format version), so preparing the same inputs again returns the existing store.
+The store is built in a hidden `.partial-*` folder next to it, its manifest written last, then renamed into
+place: a folder left by a killed process is never taken for a store.
+"""
+
+import collections
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import socket
+import time
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+from tqdm import tqdm
+
+import chinchax
+from chinchax.data.corpora import Corpus, Skips, open_corpus
+from chinchax.data.errors import DataError
+from chinchax.data.store import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    TokenArrayWriter,
+    read_manifest,
+    write_json_atomic,
+)
+from chinchax.data.tokenizers import Tokenizer, get_tokenizer
+
+# Documents are tokenized in chunks of about this much text, a few chunks in flight per thread.
+CHUNK_TEXT_BYTES = 1 << 20
+CHUNKS_IN_FLIGHT_PER_THREAD = 2
+PARTIAL_PREFIX = ".partial-"
+
+
+def split_of(digest: bytes, validation_fraction: float, test_fraction: float) -> str:
+    """The split of a document whose 16-byte BLAKE2b digest of its UTF-8 text is `digest`.
+
+    u = first 8 bytes as a big-endian integer / 2**64; validation when u < validation_fraction, test when
+    u < validation_fraction + test_fraction, else train. Equal documents land in the same split.
+    """
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < validation_fraction:
+        return "validation"
+    if u < validation_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def _encode_chunk(tokenizer: Tokenizer, texts: list[str]) -> list[tuple[bytes, int, np.ndarray]]:
+    """(digest, UTF-8 bytes, ids) per text; runs on a worker thread (hashing and tiktoken release the GIL)."""
+    ids = tokenizer.encode_batch(texts, num_threads=1)
+    encoded = [t.encode("utf-8") for t in texts]
+    return [
+        (hashlib.blake2b(b, digest_size=16).digest(), len(b), i) for b, i in zip(encoded, ids, strict=True)
+    ]
+
+
+def _chunks(documents, chunk_bytes: int):
+    chunk, size = [], 0
+    for document in documents:
+        chunk.append(document)
+        size += len(document.text)
+        if size >= chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def _write_splits(
+    folder: pathlib.Path,
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    fractions: tuple[float, float],
+    num_threads: int,
+    progress: bool,
+) -> tuple[dict, str, Skips]:
+    """Tokenizes `corpus` into one array per split under `folder`; returns counts per split, content hash, skips."""
+    skips = Skips()
+    writers = {s: TokenArrayWriter(folder / s, tokenizer.storage_dtype) for s in SPLITS}
+    counts = {s: {"documents": 0, "text_bytes": 0} for s in SPLITS}
+    content = hashlib.sha256()
+    eos = np.array([tokenizer.eos_id], np.uint32)
+    pending: collections.deque[Future] = collections.deque()
+    bar = tqdm(
+        total=corpus.approx_bytes,
+        unit="B",
+        unit_scale=True,
+        desc=f"tokenizing {corpus.name}",
+        disable=not progress,
+    )
+
+    def consume_oldest():
+        future = pending.popleft()
+        for digest, text_bytes, ids in future.result():
+            split = split_of(digest, *fractions)
+            writers[split].append(ids)
+            writers[split].append(eos)
+            content.update(digest)
+            counts[split]["documents"] += 1
+            counts[split]["text_bytes"] += text_bytes
+            bar.update(text_bytes)
+
+    with ThreadPoolExecutor(num_threads) as pool, bar:
+        for chunk in _chunks(corpus.documents(skips), CHUNK_TEXT_BYTES):
+            pending.append(pool.submit(_encode_chunk, tokenizer, [d.text for d in chunk]))
+            while len(pending) > CHUNKS_IN_FLIGHT_PER_THREAD * num_threads:
+                consume_oldest()
+        while pending:
+            consume_oldest()
+    for split in SPLITS:
+        counts[split]["tokens"] = writers[split].close()
+    if not sum(c["documents"] for c in counts.values()):
+        raise DataError(f"corpus {str(corpus.root)!r} has no usable documents ({skips.summary()})")
+    return counts, "sha256:" + content.hexdigest(), skips
+
+
+def store_fingerprint(corpus: Corpus, tokenizer: Tokenizer, fractions: tuple[float, float]) -> str:
+    """Hex digest of everything that decides a store's contents."""
+    key = {
+        "format_version": FORMAT_VERSION,
+        "corpus": corpus.identity(),
+        "tokenizer": tokenizer.name,
+        "validation_fraction": fractions[0],
+        "test_fraction": fractions[1],
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_partials(out_dir: pathlib.Path, store_name: str) -> None:
+    """Deletes partial folders of `store_name` left on this host by processes that no longer run."""
+    host = socket.gethostname()
+    for partial in out_dir.glob(f"{PARTIAL_PREFIX}{store_name}-*"):
+        parts = partial.name[len(PARTIAL_PREFIX) + len(store_name) + 1 :].rsplit("-", 2)
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _reuse(path: pathlib.Path, fingerprint: str) -> bool:
+    """True when `path` holds the complete store for `fingerprint`; DataError when it holds something else."""
+    if not path.exists():
+        return False
+    manifest = read_manifest(path)
+    if manifest.get("fingerprint") != fingerprint:
+        raise DataError(
+            f"{path} holds a store for other inputs (fingerprint differs); delete it or use another out dir"
+        )
+    return True
+
+
+def prepare(
+    corpus: str | os.PathLike | Corpus,
+    tokenizer: str | Tokenizer,
+    out_dir: str | os.PathLike,
+    *,
+    max_bytes: int | None = None,
+    validation_fraction: float = 0.01,
+    test_fraction: float = 0.01,
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Tokenizes `corpus` into a store under `out_dir` and returns its path; reuses an existing one.
+
+    corpus: 'embedded' / 'stdlib', a path (text, JSONL, folder; plain/.gz/.zst) or a `Corpus`.
+    max_bytes: stop after the document that reaches this many bytes of UTF-8 text (a fixed, ordered subset).
+    validation_fraction, test_fraction: expected shares of documents held out (by document hash).
+    num_threads: tokenizer threads (default: the CPUs this process may use).
+    """
+    if not isinstance(corpus, Corpus):
+        corpus = open_corpus(corpus, max_bytes)
+    elif max_bytes is not None:
+        raise DataError("pass max_bytes to open_corpus when giving prepare a Corpus")
+    tokenizer = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    fractions = (float(validation_fraction), float(test_fraction))
+    if min(fractions) < 0 or sum(fractions) >= 1:
+        raise DataError(
+            f"validation_fraction={fractions[0]} and test_fraction={fractions[1]} must be >= 0, sum < 1"
+        )
+    num_threads = num_threads or len(os.sched_getaffinity(0))
+    out_dir = pathlib.Path(out_dir).expanduser()
+    fingerprint = store_fingerprint(corpus, tokenizer, fractions)
+    path = out_dir / f"{corpus.name}-{tokenizer.name}-{fingerprint[:12]}"
+    if _reuse(path, fingerprint):
+        if progress:
+            tqdm.write(f"reusing {path}")
+        return path
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out_dir, path.name)
+    partial = (
+        out_dir / f"{PARTIAL_PREFIX}{path.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
+    partial.mkdir()
+    try:
+        start = time.perf_counter()
+        splits, content_hash, skips = _write_splits(
+            partial, corpus, tokenizer, fractions, num_threads, progress
+        )
+        seconds = time.perf_counter() - start
+        text_bytes = sum(c["text_bytes"] for c in splits.values())
+        tokens = sum(c["tokens"] for c in splits.values())
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "corpus": corpus.describe(),
+            "content_hash": content_hash,
+            "tokenizer": {
+                "name": tokenizer.name,
+                "vocab_size": tokenizer.vocab_size,
+                "eos_id": tokenizer.eos_id,
+            },
+            "dtype": tokenizer.storage_dtype.name,
+            "eos": "after every document",
+            "split_rule": "blake2b-128 of the document's UTF-8 text; first 8 bytes / 2**64 vs the fractions",
+            "validation_fraction": fractions[0],
+            "test_fraction": fractions[1],
+            "splits": splits,
+            "skipped": skips.as_dict(),
+            "build": {
+                "seconds": round(seconds, 3),
+                "threads": num_threads,
+                "chinchax_version": chinchax.__version__,
+                "text_mb_per_s": round(text_bytes / seconds / 1e6, 3),
+                "tokens_per_s": round(tokens / seconds),
+            },
+        }
+        write_json_atomic(partial / MANIFEST, manifest)
+        try:
+            os.rename(partial, path)
+        except OSError:
+            if not _reuse(path, fingerprint):  # another process finished the same store first
+                raise
+            shutil.rmtree(partial, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if progress:
+        counts = ", ".join(f"{s} {c['tokens']:,}" for s, c in splits.items())
+        tqdm.write(
+            f"prepared {path}: {text_bytes / 1e6:.1f} MB of text -> tokens {counts} in {seconds:.1f} s "
+            f"({text_bytes / seconds / 1e6:.2f} MB/s, {tokens / seconds:,.0f} tokens/s); {skips.summary()}"
+        )
+    return path

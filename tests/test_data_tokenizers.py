@@ -1,0 +1,172 @@
+"""GPT-2 BPE (ours, via tiktoken) against two independent implementations built from the same files:
+HF `tokenizers` (Rust byte-level BPE) and a plain-Python rendering of OpenAI's original GPT-2 algorithm."""
+
+import functools
+import json
+import math
+import os
+import pathlib
+import sysconfig
+
+import numpy as np
+import pytest
+import regex
+import tokenizers
+
+from chinchax.data import DataError, get_tokenizer
+from chinchax.data.tokenizers import gpt2_files
+
+SEED = int.from_bytes(os.urandom(4), "little")
+WHITESPACE = [
+    " ",
+    "  ",
+    "   ",
+    "\t",
+    "\n",
+    "\n\n",
+    "\r\n",
+    " \n ",
+    "\u00a0",
+    "\u3000",
+    "\u2009",
+    "\x0b",
+    "\x0c",
+]
+PIECES = [
+    "Hello", "world", "don't", "WE'LL", "it's", "they're", "I've", "'s", "''", "42", "3.14159", "1,000,000",
+    "naïve", "café", "Ünïcödé", "straße", "ﬁ", "日本語のテキスト", "中文", "한국어", "Ελληνικά", "русский",
+    "العربية", "עברית", "हिन्दी", "ไทย", "e\u0301", "a\u0308\u0304", "😀", "👍🏽", "👩‍👩‍👧‍👦", "🇫🇷", "🧑‍💻", "∑∫√∞",
+    "def f(x):", "return x**2", "{'a': [1, 2]}", "#!/usr/bin/env python", "if (a && b) { c++; }", "<|endoftext|>",
+    "<|endoftext", "\\n", "http://example.com/a?b=c", "::", "...", "---", "====", "\x00", "\x7f", "\ufeff", "\U0010ffff",
+]  # fmt: skip
+
+
+def random_strings(rng: np.random.Generator, count: int) -> list[str]:
+    """Varied strings: word/code/emoji pieces joined by whitespace runs, stdlib source lines, random code points."""
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    lines = (stdlib / "json" / "decoder.py").read_text().splitlines() + (
+        stdlib / "textwrap.py"
+    ).read_text().splitlines()
+    strings = []
+    for i in range(count):
+        kind = i % 4
+        if kind == 0:
+            parts = [PIECES[j] if rng.random() < 0.7 else WHITESPACE[j % len(WHITESPACE)]
+                     for j in rng.integers(0, len(PIECES), rng.integers(1, 12))]  # fmt: skip
+            strings.append("".join(parts))
+        elif kind == 1:
+            parts = rng.choice(PIECES, rng.integers(1, 8)).tolist()
+            seps = rng.choice(WHITESPACE, len(parts)).tolist()
+            strings.append("".join(p + s for p, s in zip(parts, seps, strict=True)))
+        elif kind == 2:
+            start = int(rng.integers(0, len(lines) - 5))
+            strings.append("\n".join(lines[start : start + int(rng.integers(1, 6))]))
+        else:  # random code points from several planes, surrogates excluded
+            points = rng.integers(0, [0x80, 0x800, 0x3000, 0x1F700][i // 4 % 4], rng.integers(1, 20))
+            strings.append("".join(chr(p) for p in points if not 0xD800 <= p < 0xE000))
+    return strings
+
+
+class OriginalGpt2Bpe:
+    """GPT-2's published algorithm: bytes -> printable stand-in chars, regex pieces, greedy lowest-rank merges."""
+
+    PATTERN = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+
+    def __init__(self, encoder_json: pathlib.Path, vocab_bpe: pathlib.Path):
+        self.encoder = json.loads(encoder_json.read_text())
+        merges = [tuple(line.split()) for line in vocab_bpe.read_text().split("\n")[1:] if line]
+        self.ranks = {pair: rank for rank, pair in enumerate(merges)}
+        printable = [
+            *range(ord("!"), ord("~") + 1),
+            *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1),
+        ]
+        others = [b for b in range(256) if b not in printable]
+        self.byte_char = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+
+    @functools.cache  # noqa: B019 (one instance per test module)
+    def bpe(self, piece: str) -> tuple[str, ...]:
+        parts = list(piece)
+        while len(parts) > 1:
+            best = min(zip(parts, parts[1:], strict=False), key=lambda pair: self.ranks.get(pair, math.inf))
+            if best not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and (parts[i], parts[i + 1]) == best:
+                    merged.append(parts[i] + parts[i + 1])
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return tuple(parts)
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for piece in self.PATTERN.findall(text):
+            chars = "".join(self.byte_char[b] for b in piece.encode("utf-8"))
+            ids.extend(self.encoder[token] for token in self.bpe(chars))
+        return ids
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return get_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def strings():
+    return random_strings(np.random.default_rng(SEED), 3000)
+
+
+def test_gpt2_known_ids(gpt2):
+    assert gpt2.encode("Hello world") == [15496, 995]
+    assert (gpt2.vocab_size, gpt2.eos_id) == (50257, 50256)
+    assert gpt2.decode([gpt2.eos_id]) == "<|endoftext|>"
+    assert gpt2.eos_id not in gpt2.encode("a<|endoftext|>b"), "special-token text must be ordinary text"
+
+
+def test_gpt2_matches_hf_tokenizers_and_original_algorithm(gpt2, strings):
+    files = gpt2_files()
+    fast = tokenizers.Tokenizer(
+        tokenizers.models.BPE.from_file(str(files["encoder.json"]), str(files["vocab.bpe"]))
+    )
+    fast.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    fast.decoder = tokenizers.decoders.ByteLevel()
+    original = OriginalGpt2Bpe(files["encoder.json"], files["vocab.bpe"])
+    ours = [ids.tolist() for ids in gpt2.encode_batch(strings, num_threads=2)]
+    hf = [e.ids for e in fast.encode_batch(strings, add_special_tokens=False)]
+    mismatches = [s for s, a, b in zip(strings, ours, hf, strict=True) if a != b]
+    assert not mismatches, (
+        f"seed {SEED}: {len(mismatches)} differ from HF tokenizers, e.g. {mismatches[:3]!r}"
+    )
+    mismatches = [s for s, ids in zip(strings, ours, strict=True) if ids != original.encode(s)]
+    assert not mismatches, (
+        f"seed {SEED}: {len(mismatches)} differ from GPT-2's algorithm, e.g. {mismatches[:3]!r}"
+    )
+    assert all(gpt2.encode(s) == ids for s, ids in zip(strings[:200], ours[:200], strict=True))
+
+
+def test_gpt2_roundtrip(gpt2, strings):
+    for s in strings:
+        assert gpt2.decode(gpt2.encode(s)) == s, f"seed {SEED}: {s!r}"
+
+
+def test_bytes_tokenizer(strings):
+    tok = get_tokenizer("bytes")
+    assert (tok.vocab_size, tok.eos_id, tok.storage_dtype) == (257, 256, np.uint16)
+    for s in strings:
+        ids = tok.encode(s)
+        assert ids == list(s.encode("utf-8"))
+        assert tok.decode(ids) == s
+    a, b = strings[0], strings[1]
+    assert tok.decode(tok.encode(a) + [tok.eos_id] + tok.encode(b)) == a + "<|endoftext|>" + b
+    assert tok.decode([0xE2, 0x82]) == "\ufffd"  # a cut-off UTF-8 sequence decodes to a replacement char
+    with pytest.raises(DataError, match="ids must be in 0..256"):
+        tok.decode([257])
+
+
+def test_unknown_tokenizer():
+    with pytest.raises(DataError, match="unknown tokenizer 'sentencepiece'"):
+        get_tokenizer("sentencepiece")
