@@ -1,0 +1,7 @@
+"""chinchax_kernels: attention and fused cross-entropy kernels for JAX (imports jax only, never chinchax)."""
+
+from . import reference
+from .attention import BlockSizes, flash_attention
+from .cross_entropy import softmax_cross_entropy
+
+__all__ = ["BlockSizes", "flash_attention", "reference", "softmax_cross_entropy"]

@@ -1,0 +1,117 @@
+"""chinchax_kernels.flash_attention (Pallas, interpret mode on CPU) against a float64 plain-jnp reference."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from chinchax_kernels import BlockSizes, flash_attention, reference
+from jax import export
+
+SMALL_BLOCKS = BlockSizes(q=16, k=16, q_backward=16, k_backward=16)  # several blocks even at toy lengths
+
+
+def relative_error(actual, expected) -> float:
+    """‖actual − expected‖ / ‖expected‖ over all elements, in float64."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def random_inputs(seed, batch, q_len, kv_len, heads, head_dim, dtype):
+    rng = np.random.default_rng(seed)
+    q, d_out = (rng.standard_normal((batch, q_len, heads, head_dim)) for _ in range(2))
+    k, v = (rng.standard_normal((batch, kv_len, heads, head_dim)) for _ in range(2))
+    return [jnp.asarray(x, dtype) for x in (q, k, v, d_out)]
+
+
+def output_and_grads(attention, q, k, v, d_out):
+    out, vjp = jax.vjp(attention, q, k, v)
+    return (out, *vjp(d_out))
+
+
+def float64_reference(q, k, v, d_out, causal, scale):
+    with jax.enable_x64(True):
+        wide = [jnp.asarray(np.asarray(x, np.float64)) for x in (q, k, v, d_out)]
+        results = output_and_grads(lambda *a: reference.attention(*a, causal=causal, scale=scale), *wide)
+        return [np.asarray(r) for r in results]
+
+
+CASES = {
+    # name: (batch, q_len, kv_len, heads, head_dim, causal, scale, block_sizes)
+    "causal-ragged-d64": (2, 40, 40, 2, 64, True, None, SMALL_BLOCKS),
+    "full-d80-q-shorter": (1, 33, 50, 2, 80, False, None, SMALL_BLOCKS),
+    "causal-d128-mup-scale-q-longer": (1, 50, 24, 1, 128, True, 1 / 128, SMALL_BLOCKS),
+    "causal-default-blocks": (1, 40, 40, 2, 64, True, None, None),
+}
+
+
+@pytest.mark.parametrize("seed,case", enumerate(CASES.values()), ids=CASES.keys())
+def test_fp32_output_and_grads_match_float64_reference(seed, case):
+    batch, q_len, kv_len, heads, head_dim, causal, scale, blocks = case
+    inputs = random_inputs(seed, batch, q_len, kv_len, heads, head_dim, jnp.float32)
+    kernel = jax.jit(
+        lambda *a: output_and_grads(
+            lambda q, k, v: flash_attention(q, k, v, causal=causal, scale=scale, block_sizes=blocks), *a
+        )
+    )
+    results = kernel(*inputs)
+    expected = float64_reference(*inputs, causal, scale)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), results, expected, strict=True):
+        assert got.dtype == jnp.float32 and got.shape == want.shape, name
+        assert relative_error(got, want) <= 1e-5, (name, relative_error(got, want))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_bf16_output_and_grads_match_reference(causal):
+    inputs = random_inputs(7 + causal, 1, 45, 45, 2, 64, jnp.bfloat16)
+    kernel = jax.jit(
+        lambda *a: output_and_grads(
+            lambda q, k, v: flash_attention(q, k, v, causal=causal, block_sizes=SMALL_BLOCKS), *a
+        )
+    )
+    results = kernel(*inputs)
+    expected = float64_reference(*inputs, causal, None)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), results, expected, strict=True):
+        assert got.dtype == jnp.bfloat16, name
+        assert relative_error(got, want) <= 1e-2, (name, relative_error(got, want))
+
+
+def test_reference_matches_jax_dot_product_attention():
+    q, k, v, _ = random_inputs(3, 2, 24, 24, 3, 16, jnp.float32)
+    for causal in (True, False):
+        expected = jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=0.3)
+        assert relative_error(reference.attention(q, k, v, causal=causal, scale=0.3), expected) <= 1e-6
+
+
+def test_rejects_mismatched_shapes_before_work():
+    q = jnp.ones((1, 8, 2, 16))
+    with pytest.raises(ValueError, match="differ in batch, heads or head_dim"):
+        flash_attention(q, jnp.ones((1, 8, 3, 16)), jnp.ones((1, 8, 3, 16)))
+    with pytest.raises(ValueError, match="must be \\(batch, seq, heads, head_dim\\)"):
+        flash_attention(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="powers of two"):
+        flash_attention(q, q, q, block_sizes=BlockSizes(q=24))
+
+
+@pytest.mark.parametrize("backend,platform", [("gpu", "cuda"), ("tpu", "tpu")])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_lowers_to_triton_and_mosaic_kernels(monkeypatch, backend, platform, dtype):
+    """Forward and backward lower for GPU (Triton) and TPU (Mosaic) from this CPU: three kernels each.
+
+    This checks Pallas' lowering to the backend's kernel IR only; compiling and running it needs the device.
+    """
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    shape = jax.ShapeDtypeStruct((2, 1000, 4, 80), dtype)
+
+    def forward_backward(q, k, v, d_out):
+        return output_and_grads(lambda *a: flash_attention(*a, causal=True, scale=1 / 80), q, k, v, d_out)
+
+    kernel_calls = ("__gpu$xla.gpu.triton", "tpu_custom_call")
+    exported = export.export(
+        jax.jit(forward_backward),
+        platforms=[platform],
+        disabled_checks=[export.DisabledSafetyCheck.custom_call(name) for name in kernel_calls],
+    )(shape, shape, shape, shape)
+    module = re.sub(r'ir = "[^"]*"', "", exported.mlir_module())  # drop the serialized kernel bodies
+    assert sum(module.count(f"stablehlo.custom_call @{name}(") for name in kernel_calls) == 3
