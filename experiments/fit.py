@@ -1,0 +1,81 @@
+"""Fit a scaling law to results: `python -m experiments.fit --results=FILE [--law=compute|chinchilla] [--out=DIR]
+[--drop_highest=K] [--bootstrap=N] [--seed=S]`.
+
+FILE is CSV or JSONL with columns `flops` (or `train_flops`) and `loss`, or `params`, `tokens` and `loss`.
+Prints the constants with bootstrap CIs and the goodness of fit, writes PNG plots into --out, and prints last
+on stdout one JSON object (constants named as in the formula, `ci`, `r2`, `rmse_log_loss`, `plots`).
+"""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from chinchax.scaling import fit, fit_io, plots
+
+_RESULTS = flags.DEFINE_string("results", None, "CSV or JSONL results file.", required=True)
+_LAW = flags.DEFINE_enum(
+    "law",
+    None,
+    ["compute", "chinchilla"],
+    "Law to fit (default: chinchilla when params and tokens are given).",
+)
+_OUT = flags.DEFINE_string("out", None, "Folder for the PNG plots (default: <results stem>_fit/ here).")
+_DROP_HIGHEST = flags.DEFINE_integer("drop_highest", 0, "Leave out the K highest-loss points.")
+_BOOTSTRAP = flags.DEFINE_integer(
+    "bootstrap", 200, "Bootstrap resamples for the CIs (0: none).", lower_bound=0
+)
+_SEED = flags.DEFINE_integer("seed", None, "Bootstrap seed (default: fresh, reported in the JSON).")
+
+
+def main(argv):
+    del argv
+    points = fit_io.load_points(_RESULTS.value)
+    law = _LAW.value or ("chinchilla" if points.params is not None else "compute")
+    fit_io.require_points(points, law, _DROP_HIGHEST.value)
+    seed = _SEED.value if _SEED.value is not None else int(np.random.SeedSequence().entropy % 2**32)
+    out = pathlib.Path(_OUT.value or f"{pathlib.Path(points.source).stem}_fit")
+    resamples, drop = _BOOTSTRAP.value, _DROP_HIGHEST.value
+    approach1 = approach2 = None
+    if law == "compute":
+        law_fit = fit.fit_compute_law(
+            points.flops, points.loss, drop_highest=drop, resamples=resamples, seed=seed
+        )
+    else:
+        law_fit = fit.fit_chinchilla(
+            points.params, points.tokens, points.loss, drop_highest=drop, resamples=resamples, seed=seed
+        )
+        kept = law_fit.kept
+        run = points.run if points.run is not None else points.params
+        approach1 = fit.approach1_envelope(
+            run[kept], points.params[kept], points.flops[kept], points.loss[kept]
+        )
+        approach2 = fit.approach2_isoflop(
+            points.params[kept], points.flops[kept], points.loss[kept], resamples=resamples, seed=seed
+        )
+    paths = {
+        "loss_vs_flops": plots.loss_vs_flops(points, law_fit, out / "loss_vs_flops.png"),
+        "residuals": plots.residuals(points, law_fit, out / "residuals.png"),
+    }
+    if law == "chinchilla":
+        paths["isoflops"] = plots.isoflops(points, law_fit.law, approach2, out / "isoflops.png")
+        paths["allocation"] = plots.allocation(
+            law_fit.law, approach1, approach2, points.flops, out / "allocation.png"
+        )
+    summary = fit_io.report(points, law, law_fit, approach1, approach2, paths, seed, resamples)
+    print(fit_io.format_text(summary))
+    print(json.dumps(summary))
+
+
+def cli():
+    """Entry point with one-line errors for results that cannot be fitted."""
+    try:
+        app.run(main)
+    except fit_io.FitDataError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,149 @@
+"""PNG figures of the law fits: loss vs FLOPs, isoFLOP curves, residuals, compute-optimal allocation."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from chinchax.scaling import fit  # noqa: E402
+from chinchax.scaling.fit_io import ScalingPoints  # noqa: E402
+
+MAX_ISOFLOP_CURVES = 8
+
+
+def save(figure, path: pathlib.Path) -> str:
+    """Write the figure atomically (temp file in the same folder, then rename) and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    os.close(handle)
+    try:
+        figure.savefig(temporary, dpi=120, bbox_inches="tight", format="png")
+        os.replace(temporary, path)
+    finally:
+        plt.close(figure)
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return str(path)
+
+
+def _flops_range(points: ScalingPoints) -> np.ndarray:
+    low, high = np.log10(points.flops.min()), np.log10(points.flops.max())
+    return np.logspace(low - 0.2, high + 0.2, 200)
+
+
+def loss_vs_flops(points: ScalingPoints, law_fit: fit.LawFit, path: pathlib.Path) -> str:
+    """Points, the fitted law (the compute-optimal frontier for L(N, D)) and the published Cerebras-GPT law."""
+    figure, axes = plt.subplots(figsize=(7, 5))
+    kept = law_fit.kept
+    axes.scatter(points.flops[kept], points.loss[kept], s=12, color="tab:blue", alpha=0.7, label="points")
+    if (~kept).any():
+        axes.scatter(points.flops[~kept], points.loss[~kept], s=24, marker="x", color="grey", label="dropped")
+    flops = _flops_range(points)
+    law = law_fit.law
+    if isinstance(law, fit.ComputeLaw):
+        label = f"fit: (C/{law.C_c:.3g})^-{law.alpha:.4f} + {law.E:.4f}"
+        axes.plot(flops, law.loss(flops), color="tab:red", label=label)
+    else:
+        label = (
+            f"fit at N_opt(C): E={law.E:.3f} A={law.A:.4g} B={law.B:.4g} α={law.alpha:.3f} β={law.beta:.3f}"
+        )
+        axes.plot(flops, law.optimal_loss(flops), color="tab:red", label=label)
+    published = fit.CEREBRAS_GPT_COMPUTE_LAW
+    axes.plot(flops, published.loss(flops), "--", color="black", label="Cerebras-GPT published (Pile)")
+    axes.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="loss (nats/token)")
+    axes.set_title("Loss vs compute")
+    axes.legend(fontsize=8)
+    return save(figure, path)
+
+
+def residuals(points: ScalingPoints, law_fit: fit.LawFit, path: pathlib.Path) -> str:
+    """log L − log L̂ per point against C (dropped points marked)."""
+    law = law_fit.law
+    predicted = (
+        law.loss(points.flops) if isinstance(law, fit.ComputeLaw) else law.loss(points.params, points.tokens)
+    )
+    residual = np.log(points.loss) - np.log(predicted)
+    kept = law_fit.kept
+    figure, axes = plt.subplots(figsize=(7, 4))
+    axes.axhline(0.0, color="black", linewidth=0.8)
+    axes.scatter(points.flops[kept], residual[kept], s=12, color="tab:blue", label="fitted points")
+    if (~kept).any():
+        axes.scatter(points.flops[~kept], residual[~kept], s=24, marker="x", color="grey", label="dropped")
+    axes.set(xscale="log", xlabel="training FLOPs C", ylabel="log L − log L̂")
+    axes.set_title(f"Residuals (RMSE {law_fit.goodness.rmse_log_loss:.4f}, R² {law_fit.goodness.r2:.4f})")
+    axes.legend(fontsize=8)
+    return save(figure, path)
+
+
+def isoflops(
+    points: ScalingPoints, law: fit.ChinchillaLaw, approach2: fit.AllocationFit | None, path: pathlib.Path
+) -> str:
+    """Loss vs N coloured by C, approach 3's isoFLOP curves L(N, C/6N) with their minima, approach 2's parabolas."""
+    figure, axes = plt.subplots(figsize=(7, 5))
+    log_flops = np.log10(points.flops)
+    colours = plt.get_cmap("viridis")
+    norm = matplotlib.colors.Normalize(log_flops.min(), log_flops.max())
+    scatter = axes.scatter(points.params, points.loss, c=log_flops, cmap=colours, norm=norm, s=12)
+    figure.colorbar(scatter, ax=axes, label="log10 C")
+    parabolas = approach2.parabolas if approach2 is not None else []
+    if len(parabolas) > MAX_ISOFLOP_CURVES:
+        parabolas = [
+            parabolas[i] for i in np.linspace(0, len(parabolas) - 1, MAX_ISOFLOP_CURVES).round().astype(int)
+        ]
+    if parabolas:
+        budgets = [budget for budget, _, _ in parabolas]
+    else:
+        budgets = 10.0 ** np.arange(np.ceil(log_flops.min()), np.floor(log_flops.max()) + 1)
+    sizes = np.logspace(np.log10(points.params.min()) - 0.3, np.log10(points.params.max()) + 0.3, 200)
+    for budget in budgets:
+        colour = colours(norm(np.log10(budget)))
+        axes.plot(sizes, law.loss(sizes, budget / (6.0 * sizes)), color=colour, linewidth=1)
+        n_opt = law.optimal_params()(budget)
+        axes.plot(n_opt, law.loss(n_opt, budget / (6.0 * n_opt)), "o", color=colour, markeredgecolor="black")
+    for budget, coefficients, (smallest, largest) in parabolas:
+        log_n = np.linspace(np.log(smallest), np.log(largest), 100)
+        axes.plot(
+            np.exp(log_n),
+            np.polyval(coefficients, log_n),
+            ":",
+            color=colours(norm(np.log10(budget))),
+            linewidth=2,
+        )
+    low, high = np.percentile(points.loss, [0, 98])
+    axes.set(xscale="log", xlabel="parameters N", ylabel="loss (nats/token)", ylim=(0.95 * low, 1.05 * high))
+    title = "IsoFLOP curves: approach 3 (solid, ● minimum)" + (", approach 2 (dotted)" if parabolas else "")
+    axes.set_title(title, fontsize=10)
+    return save(figure, path)
+
+
+def allocation(
+    law: fit.ChinchillaLaw,
+    approach1: fit.AllocationFit | None,
+    approach2: fit.AllocationFit | None,
+    flops: np.ndarray,
+    path: pathlib.Path,
+) -> str:
+    """N_opt(C) implied by approach 3, with approach 1 and 2 estimates and their power-law fits."""
+    figure, axes = plt.subplots(figsize=(7, 5))
+    grid = np.logspace(np.log10(flops.min()) - 0.2, np.log10(flops.max()) + 0.2, 100)
+    n_opt = law.optimal_params()
+    axes.plot(grid, n_opt(grid), color="tab:red", label=f"approach 3: N_opt ∝ C^{n_opt.exponent:.3f}")
+    for name, estimate, colour in (
+        ("approach 1", approach1, "tab:green"),
+        ("approach 2", approach2, "tab:blue"),
+    ):
+        if estimate is not None:
+            axes.scatter(estimate.flops, estimate.optimal_params, s=10, color=colour)
+            label = f"{name}: N_opt ∝ C^{estimate.params.exponent:.3f}"
+            axes.plot(grid, estimate.params(grid), "--", color=colour, label=label)
+    axes.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="compute-optimal parameters N_opt")
+    axes.set_title("Compute-optimal allocation (C = 6ND)")
+    axes.legend(fontsize=8)
+    return save(figure, path)
