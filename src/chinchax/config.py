@@ -11,86 +11,56 @@ import math
 import ml_collections
 
 # Every field: dotted key -> (default, one-line docstring). Units are in the docstring.
+# fmt: off
 SCHEMA: dict[str, tuple[object, str]] = {
     "name": ("custom", "Name of the scale point, used in plans and results."),
     # The model (Cerebras-GPT / GPT-2 architecture).
     "model.vocab_size": (50257, "Vocabulary size: 50257 for GPT-2 BPE, 257 for bytes + EOS."),
-    "model.max_positions": (
-        2048,
-        "Number of learned absolute positions (maximum sequence length).",
-    ),
+    "model.max_positions": (2048, "Number of learned absolute positions (maximum sequence length)."),
     "model.d_model": (768, "Width of the residual stream."),
     "model.n_layers": (12, "Number of transformer blocks."),
     "model.n_heads": (12, "Attention heads per block; must divide d_model."),
     "model.d_ffn": (0, "Hidden width of the MLP; 0 means 4 * d_model."),
-    "model.parametrization": (
-        "sp",
-        "'sp' (standard, GPT-2/3) or 'mup' (Cerebras maximal-update rules).",
-    ),
+    "model.parametrization": ("sp", "'sp' (standard, GPT-2/3) or 'mup' (Cerebras maximal-update rules)."),
     "model.init_std": (0.02, "Init σ of embeddings and hidden matrices (SP), or σ_base (μP)."),
-    "model.out_proj_init_std": (
-        0.0,
-        "SP init σ of attn-out and fc2; 0 means init_std / sqrt(2 n_layers).",
-    ),
-    "model.mup_base_width": (
-        256,
-        "μP base width: the width multiplier is m = d_model / mup_base_width.",
-    ),
-    "model.mup_embedding_multiplier": (
-        10.0,
-        "μP: the summed embedding output is multiplied by this.",
-    ),
+    "model.out_proj_init_std": (0.0, "SP init σ of attn-out and fc2; 0 means init_std / sqrt(2 n_layers)."),
+    "model.mup_base_width": (256, "μP base width: the width multiplier is m = d_model / mup_base_width."),
+    "model.mup_embedding_multiplier": (10.0, "μP: the summed embedding output is multiplied by this."),
     "model.mup_output_alpha": (1.0, "μP: logits are multiplied by mup_output_alpha / m."),
     "model.layer_norm_eps": (1e-5, "LayerNorm epsilon."),
-    "model.compute_dtype": (
-        "float32",
-        "Matmul dtype, 'float32' or 'bfloat16'; params, softmax, loss fp32.",
-    ),
-    "model.remat": (
-        False,
-        "Recompute each block's activations in the backward pass (saves memory).",
-    ),
+    "model.compute_dtype": ("float32", "Matmul dtype, 'float32' or 'bfloat16'; params, softmax, loss fp32."),
+    "model.remat": (False, "Recompute each block's activations in the backward pass (saves memory)."),
+    "model.attention": ("xla", "Attention implementation: 'xla' (einsum), 'cudnn' or 'pallas' (flash)."),
+    "model.loss": ("dense", "Loss head: 'dense' (whole logits) or 'chunked' (fused, never all logits)."),
     # Data.
     "data.dataset": ("embedded", "Corpus name or path of a corpus / prepared token store."),
     "data.tokenizer": ("gpt2", "'gpt2' (BPE, 50257 ids) or 'bytes' (256 bytes + EOS)."),
     "data.seq_len": (2048, "Tokens per training sequence; at most model.max_positions."),
     # Optimisation (the Cerebras-GPT recipe; the schedule is defined in tokens).
-    "train.batch_size": (
-        120,
-        "Sequences per optimizer step (the first batch size if batch_ramp is set).",
-    ),
-    "train.batch_ramp": (
-        (),
-        "Later batch sizes as ((start_token, sequences), ...); () for constant.",
-    ),
+    "train.batch_size": (120, "Sequences per optimizer step (the first batch size if batch_ramp is set)."),
+    "train.batch_ramp": ((), "Later batch sizes as ((start_token, sequences), ...); () for constant."),
     "train.tokens": (0, "Training tokens; 0 means tokens_per_param * params."),
-    "train.tokens_per_param": (
-        20.0,
-        "Tokens per parameter when train.tokens is 0 (Chinchilla: 20).",
-    ),
+    "train.tokens_per_param": (20.0, "Tokens per parameter when train.tokens is 0 (Chinchilla: 20)."),
     "train.peak_lr": (6e-4, "Peak learning rate (μP: η_base, scaled per parameter role)."),
     "train.end_lr_fraction": (0.1, "Learning rate at the last step as a fraction of peak_lr."),
     "train.warmup_tokens": (0, "Tokens of linear warmup from 0 to peak_lr."),
-    "train.decay": (
-        "linear",
-        "Decay after warmup: 'linear' or 'cosine' (to end_lr_fraction * peak).",
-    ),
+    "train.decay": ("linear", "Decay after warmup: 'linear' or 'cosine' (to end_lr_fraction * peak)."),
     "train.adam_b1": (0.9, "AdamW β1."),
     "train.adam_b2": (0.95, "AdamW β2."),
     "train.adam_eps": (1e-8, "AdamW ε."),
     "train.weight_decay": (0.1, "Decoupled weight decay (not applied to biases and LayerNorm)."),
     "train.grad_clip_norm": (1.0, "Global gradient-norm clip; 0 disables."),
-    "train.microbatches": (
-        1,
-        "Gradient-accumulation microbatches per step; must divide batch sizes.",
-    ),
+    "train.microbatches": (1, "Gradient-accumulation microbatches per step; must divide batch sizes."),
     "train.seed": (0, "Seed for initialisation and data order."),
 }
+# fmt: on
 
 PARAMETRIZATIONS = ("sp", "mup")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TOKENIZERS = {"gpt2": 50257, "bytes": 257}
 DECAYS = ("linear", "cosine")
+ATTENTIONS = ("xla", "cudnn", "pallas")
+LOSSES = ("dense", "chunked")
 
 
 class ConfigError(ValueError):
@@ -166,6 +136,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         m.compute_dtype in COMPUTE_DTYPES,
         f"model.compute_dtype={m.compute_dtype!r} is not one of {COMPUTE_DTYPES}",
     )
+    need(m.attention in ATTENTIONS, f"model.attention={m.attention!r} is not one of {ATTENTIONS}")
+    need(m.loss in LOSSES, f"model.loss={m.loss!r} is not one of {LOSSES}")
     need(m.init_std > 0, f"model.init_std={m.init_std} must be > 0")
     need(m.out_proj_init_std >= 0, f"model.out_proj_init_std={m.out_proj_init_std} must be >= 0")
     need(m.mup_base_width > 0, f"model.mup_base_width={m.mup_base_width} must be > 0")

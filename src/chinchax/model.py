@@ -11,6 +11,7 @@ output and the logits (the μP coordinate check); otherwise those cost nothing.
 
 from __future__ import annotations
 
+import chinchax_kernels
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ def attention_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
     return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
 
 
-def causal_attention(logits: jax.Array, v: jax.Array) -> jax.Array:
+def attend_with_logits(logits: jax.Array, v: jax.Array) -> jax.Array:
     """softmax(logits + causal mask) · v, softmax in fp32; returns (batch, seq, heads, d_head)."""
     seq = logits.shape[-1]
     causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
@@ -67,10 +68,9 @@ class Block(nn.Module):
             bias_init=bias((None, "heads", "head_dim")),
             name="qkv",
         )(h)
+        qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "head_dim"))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = attention_logits(q, k, parametrization.forward_multipliers(cfg).attention_scale)
-        self.sow("intermediates", "attention_logits", jnp.mean(jnp.abs(logits)))
-        y = causal_attention(logits, v)
+        y = self.attention(q, k, v, parametrization.forward_multipliers(cfg).attention_scale)
         y = nn.DenseGeneral(
             cfg.d_model,
             axis=(-2, -1),
@@ -89,7 +89,7 @@ class Block(nn.Module):
             bias_init=bias(("mlp",)),
             name="fc1",
         )(h)
-        h = nn.gelu(h, approximate=False)
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
         h = nn.Dense(
             cfg.d_model,
             dtype=dtype,
@@ -97,9 +97,19 @@ class Block(nn.Module):
             bias_init=bias(("embed",)),
             name="fc2",
         )(h)
-        x = x + h
+        x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
         self.sow("intermediates", "block_output", jnp.mean(jnp.abs(x)))
         return x, None
+
+    def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+        """Causal attention by the configured implementation; 'xla' also sows its logits' scale."""
+        if self.model.attention == "pallas":
+            return chinchax_kernels.flash_attention(q, k, v, causal=True, scale=scale)
+        if self.model.attention == "cudnn":
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+        logits = attention_logits(q, k, scale)
+        self.sow("intermediates", "attention_logits", jnp.mean(jnp.abs(logits)))
+        return attend_with_logits(logits, v)
 
 
 class GPT(nn.Module):
@@ -136,7 +146,7 @@ class GPT(nn.Module):
         positions = self.position_embed[: tokens.shape[1]]
         x = (self.token_embed(tokens) + positions) * multipliers.embedding
         self.sow("intermediates", "embedding", jnp.mean(jnp.abs(x)))
-        x = x.astype(self.model.compute_dtype)
+        x = nn.with_logical_constraint(x.astype(self.model.compute_dtype), ("batch", "length", "embed"))
         x, _ = self.blocks(x, None)
         return self.ln_f(x)
 
@@ -147,6 +157,7 @@ class GPT(nn.Module):
         logits = jnp.einsum(
             "bsd,vd->bsv", hidden.astype(dtype), embedding, preferred_element_type=jnp.float32
         )
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits * parametrization.forward_multipliers(self.model).logits
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
