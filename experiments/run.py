@@ -10,8 +10,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from chinchax import checkpoint, dry_run, train
 from chinchax import config as config_lib
-from chinchax import dry_run
 from experiments import configs
 
 
@@ -32,7 +32,9 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
 _CONFIG = config_flags.DEFINE_config_file(
     "config", configs.config_path(configs.DEFAULT), "Scale point name or config file."
 )
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (resumes when it holds a checkpoint).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory, default runs/NAME; resumes from its checkpoints."
+)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan and its JSON; build nothing on devices.")
 
 
@@ -45,7 +47,10 @@ def main(argv):
         print(dry_run.format_plan(report))
         print(json.dumps(report))
         return
-    raise app.UsageError("training arrives with the training issue; use --dry_run for the plan")
+    workdir = _WORKDIR.value or f"runs/{cfg.name}"
+    summary = train.train(cfg, workdir)
+    if summary is not None:
+        print(json.dumps(summary))
 
 
 def cli():
@@ -53,7 +58,7 @@ def cli():
     try:
         sys.argv = resolve_config_argv(sys.argv)
         app.run(main)
-    except (config_lib.ConfigError, ValueError) as error:
+    except (config_lib.ConfigError, ValueError, train.TrainingError, checkpoint.CheckpointError) as error:
         sys.exit(f"error: {error}")
 
 

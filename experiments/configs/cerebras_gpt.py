@@ -36,7 +36,8 @@ def _family_point(name: str, size: str, parametrization: str):
     cfg.model.update(n_layers=layers, d_model=d, n_heads=heads, parametrization=parametrization)
     cfg.train.update(batch_size=batch, warmup_tokens=warmup * batch * SEQ, decay=decay, adam_eps=eps)
     if size == "13b":
-        cfg.train.update(tokens=TOKENS_13B, batch_ramp=RAMP_13B)
+        # microbatches of 360 sequences: 2 per step at 720, 3 at 1080
+        cfg.train.update(tokens=TOKENS_13B, batch_ramp=RAMP_13B, microbatches=2)
     else:
         cfg.train.tokens = steps * batch * SEQ
     if parametrization == "sp":

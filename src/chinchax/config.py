@@ -52,6 +52,18 @@ SCHEMA: dict[str, tuple[object, str]] = {
     "train.grad_clip_norm": (1.0, "Global gradient-norm clip; 0 disables."),
     "train.microbatches": (1, "Gradient-accumulation microbatches per step; must divide batch sizes."),
     "train.seed": (0, "Seed for initialisation and data order."),
+    # The training loop.
+    "train.log_every": (10, "Steps between metrics.jsonl / TensorBoard records and progress-bar updates."),
+    "train.eval_every": (0, "Steps between validation-loss evaluations; 0 means at the end only."),
+    "train.eval_batches": (16, "Batches (of train.batch_size / microbatches sequences) per evaluation."),
+    "train.checkpoint_every": (500, "Steps between checkpoints; one is always written at the end."),
+    "train.keep_checkpoints": (3, "Newest checkpoints kept in workdir/checkpoints."),
+    "train.peak_flops_per_device": (0.0, "Peak FLOP/s per device for MFU; 0: the device table, or measured on CPU."),
+    # The device mesh (chinchax.mesh): a cluster preset, optionally with its axis sizes overridden.
+    "mesh.preset": ("cpu", "Cluster preset: 'cpu' (all local devices, data parallel), 'gpu-8', 'tpu-v5e-16', 'wse-N'."),
+    "mesh.data": (0, "Replicas on the 'data' mesh axis; 0 keeps the preset's size."),
+    "mesh.fsdp": (0, "Parameter/optimizer-state shards on the 'fsdp' axis (weight streaming); 0: the preset's."),
+    "mesh.tensor": (0, "Tensor-parallel shards (heads, mlp) on the 'tensor' axis; 0 keeps the preset's size."),
 }
 # fmt: on
 
@@ -163,15 +175,29 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         "one of train.tokens or train.tokens_per_param must be > 0",
     )
     need(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be >= 1")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+        need(t[key] >= 1, f"train.{key}={t[key]} must be >= 1")
+    need(isinstance(cfg.mesh.preset, str) and cfg.mesh.preset, f"mesh.preset={cfg.mesh.preset!r} must name a preset")
+    for key in ("data", "fsdp", "tensor"):
+        need(
+            isinstance(cfg.mesh[key], int) and cfg.mesh[key] >= 0,
+            f"mesh.{key}={cfg.mesh[key]!r} must be an int >= 0 (0 keeps the preset's size)",
+        )
     last_start = 0
     for start, size in batch_schedule(t):
         need(
-            size > 0 and size % t.microbatches == 0,
-            f"train batch size {size} is not a positive multiple of train.microbatches={t.microbatches}",
+            size > 0 and size % t.microbatches == 0 and size % microbatch_size(t) == 0,
+            f"train batch size {size} is not a positive multiple of train.microbatches={t.microbatches} "
+            f"and of the microbatch size {microbatch_size(t)}",
         )
         need(start >= last_start, f"train.batch_ramp starts must increase, got {start}")
         last_start = start
     return cfg
+
+
+def microbatch_size(train: ml_collections.ConfigDict) -> int:
+    """Sequences per microbatch: the first batch size over train.microbatches (fixed through a ramp)."""
+    return max(train.batch_size // train.microbatches, 1)
 
 
 def batch_schedule(train: ml_collections.ConfigDict) -> list[tuple[int, int]]:
@@ -195,12 +221,26 @@ def train_tokens(cfg: ml_collections.ConfigDict, params: int) -> int:
     return int(math.ceil(wanted / step_tokens)) * step_tokens
 
 
+def batch_phases(cfg: ml_collections.ConfigDict) -> list[tuple[int, int, int]]:
+    """(first_step, tokens_seen_before_it, sequences_per_step) for each phase of the batch schedule."""
+    schedule, per_token = batch_schedule(cfg.train), cfg.data.seq_len
+    phases, step, seen = [], 0, 0
+    for i, (_, size) in enumerate(schedule):
+        phases.append((step, seen, size))
+        if i + 1 < len(schedule):
+            steps_here = max(0, math.ceil((schedule[i + 1][0] - seen) / (size * per_token)))
+            step, seen = step + steps_here, seen + steps_here * size * per_token
+    return phases
+
+
+def batch_size_at(cfg: ml_collections.ConfigDict, step: int) -> int:
+    """Sequences in (0-based) step `step`."""
+    return [size for first, _, size in batch_phases(cfg) if first <= step][-1]
+
+
 def steps_for(cfg: ml_collections.ConfigDict, tokens: int) -> int:
     """Optimizer steps needed to see `tokens` under the batch schedule (the last step may overshoot)."""
-    schedule = batch_schedule(cfg.train) + [(tokens, 0)]
-    steps = 0
-    for (start, size), (next_start, _) in zip(schedule, schedule[1:], strict=False):
-        end = min(next_start, tokens)
-        if end > start:
-            steps += math.ceil((end - start) / (size * cfg.data.seq_len))
-    return steps
+    for first, seen, size in reversed(batch_phases(cfg)):
+        if seen < tokens or first == 0:
+            return first + math.ceil((tokens - seen) / (size * cfg.data.seq_len))
+    raise AssertionError("the first phase starts at step 0")

@@ -78,3 +78,46 @@ def plan(cfg: ml_collections.ConfigDict) -> Plan:
         train_flops=float(tokens) * per_token,
         tokens_per_param=tokens / params,
     )
+
+
+# Dense peak FLOP/s per device by jax `device_kind` substring (bf16 on accelerators; vendor figures).
+PEAK_FLOPS_BY_KIND = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+}
+
+
+def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` jitted fp32 size×size matmuls on the default device."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
+    """(FLOP/s, where it came from): configured, else the device table, else measured (CPU)."""
+    import jax
+
+    if configured > 0:
+        return configured, "configured"
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS_BY_KIND.items():
+        if name.lower() in kind.lower():
+            return peak, f"table ({kind})"
+    return measure_matmul_peak(), f"measured fp32 matmul ({kind})"

@@ -1,0 +1,119 @@
+"""Checkpoints of a run: train state + data-iterator state + config, through an orbax CheckpointManager.
+
+Layout: workdir/config.json and workdir/checkpoints/<step>/{state,data,config}. Saves are asynchronous and
+atomic (orbax writes a temporary folder and renames it when complete), so a killed process never leaves a
+checkpoint that looks complete. Restoring takes the newest checkpoint that reads back; a corrupt one is
+reported and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from chinchax import config as config_lib
+from chinchax import train_state
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was needed."""
+
+
+def write_config(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> None:
+    """workdir/config.json, written atomically."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = workdir / "config.json.tmp"
+    tmp.write_text(cfg.to_json(indent=2))
+    tmp.replace(workdir / "config.json")
+
+
+def read_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+    """The validated config of a run directory."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist: {workdir} is not a chinchax run directory")
+    cfg = config_lib.base_config()
+    cfg.unlock()
+    cfg.update_from_flattened_dict(_flatten(json.loads(path.read_text())))
+    cfg.train.batch_ramp = tuple(tuple(x) for x in cfg.train.batch_ramp)
+    cfg.lock()
+    return config_lib.validate(cfg)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def manager(workdir: pathlib.Path, keep: int = 3) -> ocp.CheckpointManager:
+    """An async CheckpointManager over workdir/checkpoints keeping the newest `keep`."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+    return ocp.CheckpointManager(
+        pathlib.Path(workdir).absolute() / "checkpoints",
+        options=options,
+        item_names=("state", "data"),
+    )
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None) -> None:
+    """Start an asynchronous save of `state` (and the data iterator's position) at `step`."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+        items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None):
+    """(step, state) from the newest readable checkpoint (the iterator is restored in place), or None."""
+    for step in sorted(mngr.all_steps(), reverse=True):
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None and (pathlib.Path(mngr.directory) / str(step) / "data").exists():
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # any unreadable checkpoint: fall back to the one before
+            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            print(
+                f"warning: checkpoint {step} in {mngr.directory} is unreadable ({reason}); "
+                "trying the previous one",
+                file=sys.stderr,
+            )
+            continue
+        return step, restored["state"]
+    return None
+
+
+def load_params(workdir: str | pathlib.Path, step: int | None = None):
+    """(config, params) of a run: the given step's checkpoint, or the newest readable one."""
+    workdir = pathlib.Path(workdir)
+    cfg = read_config(workdir)
+    abstract = jax.eval_shape(lambda: train_state.init_state(cfg, jax.random.key(0)))
+    with manager(workdir) as mngr:
+        if step is not None:
+            state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+            return cfg, state["state"].params
+        found = restore_latest(mngr, abstract)
+    if found is None:
+        raise CheckpointError(f"no readable checkpoint in {workdir / 'checkpoints'}")
+    return cfg, found[1].params
+
+
+def save_params(workdir: str | pathlib.Path, cfg: ml_collections.ConfigDict, params) -> None:
+    """A run directory holding `params` at step 0 with a fresh optimizer state (experiments.run continues it)."""
+    workdir = pathlib.Path(workdir)
+    write_config(workdir, cfg)
+    state = train_state.new_state(cfg, params)
+    with manager(workdir) as mngr:
+        save(mngr, 0, state)
+        mngr.wait_until_finished()

@@ -1,0 +1,70 @@
+"""What a run shows and records: metrics.jsonl, TensorBoard events, a progress bar, summary.json."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import tensorboardX
+import tqdm
+
+
+def atomic_write_json(path: pathlib.Path, obj: dict) -> None:
+    """Write JSON to a temporary file beside `path`, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+class RunLog:
+    """Appends one JSON object per log step to metrics.jsonl, mirrors it to TensorBoard and the bar.
+
+    On resume, records past the restored step (written after the checkpoint the run resumes from) are
+    dropped first, so metrics.jsonl reads as one uninterrupted run.
+    """
+
+    def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int, show_progress: bool = True):
+        self.path = workdir / "metrics.jsonl"
+        self._keep_records_up_to(start_step)
+        self.file = self.path.open("a")
+        self.tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+        self.bar = tqdm.tqdm(
+            total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not show_progress
+        )
+
+    def _keep_records_up_to(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+    def record(self, record: dict) -> None:
+        """One log step: {'step', 'tokens', 'loss', ...} to the file, TensorBoard and the bar's postfix."""
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tensorboard.add_scalar(key, value, record["step"])
+        postfix = {"loss": f"{record['loss']:.3f}"}
+        if "tokens_per_second" in record:
+            postfix["tok/s"] = f"{record['tokens_per_second']:.3g}"
+            postfix["MFU"] = f"{record['mfu']:.1%}"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        self.bar.update(steps)
+
+    def note(self, text: str) -> None:
+        """A line printed above the bar (evaluations, checkpoints, warnings)."""
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.file.close()
+        self.tensorboard.close()

@@ -1,0 +1,67 @@
+"""The Cerebras-GPT optimizer: global-norm clip → AdamW with per-role LR multipliers, warmup + decay to 10%.
+
+The schedule is defined in tokens (so a batch-size ramp, as for 13B, does not bend it) and evaluated at the
+tokens seen once each step is done: the first step already has a non-zero rate and the last step's rate is
+exactly end_lr_fraction · peak. Weight decay is decoupled and LR-coupled as in PyTorch's AdamW: each step
+subtracts lr · role multiplier · (m̂ / (√v̂ + ε) + wd · p) (biases and LayerNorm not decayed, embeddings are).
+
+How it differs from the Cerebras modelzoo's AdamW: the modelzoo adds ε to √v before the bias corrections
+(equivalent to ε / √(1 − β₂ᵗ) here, a larger ε over the first steps); optax adds it after, as PyTorch does.
+With ε = 1e-8 the difference is below fp32 resolution once √v̂ ≫ ε, i.e. from the first steps on.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from chinchax import parametrization
+from chinchax.config import batch_phases
+
+
+def tokens_seen(cfg: ml_collections.ConfigDict):
+    """steps done → tokens seen, under the batch schedule (jnp-traceable)."""
+    phases = batch_phases(cfg)
+
+    def tokens(count):
+        count = jnp.asarray(count, jnp.float32)
+        out = jnp.zeros_like(count)
+        for first_step, first_token, size in phases:
+            per_step = size * cfg.data.seq_len
+            out = jnp.where(count >= first_step, first_token + (count - first_step) * per_step, out)
+        return out
+
+    return tokens
+
+
+def token_schedule(cfg: ml_collections.ConfigDict, total_tokens: int) -> optax.Schedule:
+    """tokens → learning rate: linear warmup to peak, then linear or cosine decay to end_lr_fraction · peak."""
+    t = cfg.train
+    warmup = min(t.warmup_tokens, total_tokens)
+    decay_tokens = max(total_tokens - warmup, 1)
+    if t.decay == "cosine":
+        decay = optax.cosine_decay_schedule(t.peak_lr, decay_tokens, alpha=t.end_lr_fraction)
+    else:
+        decay = optax.linear_schedule(t.peak_lr, t.peak_lr * t.end_lr_fraction, decay_tokens)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, t.peak_lr, warmup), decay], [warmup])
+
+
+def learning_rate(cfg: ml_collections.ConfigDict, total_tokens: int) -> optax.Schedule:
+    """0-based step → learning rate: the token schedule at the tokens seen once the step is done."""
+    by_tokens, tokens = token_schedule(cfg, total_tokens), tokens_seen(cfg)
+    return lambda step: by_tokens(jnp.minimum(tokens(step + 1), total_tokens))
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params, total_tokens: int) -> optax.GradientTransformation:
+    """clip → Adam → decoupled weight decay → −schedule → per-role LR multipliers (μP: hidden 1/m)."""
+    t = cfg.train
+    return optax.chain(
+        optax.clip_by_global_norm(t.grad_clip_norm) if t.grad_clip_norm > 0 else optax.identity(),
+        optax.scale_by_adam(b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps),
+        optax.add_decayed_weights(t.weight_decay, parametrization.weight_decay_mask(cfg.model, params)),
+        optax.scale_by_learning_rate(learning_rate(cfg, total_tokens)),
+        parametrization.lr_multipliers(cfg.model, params),
+    )

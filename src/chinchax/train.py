@@ -1,0 +1,290 @@
+"""Training: the jit'd step (gradient accumulation over microbatches) and the loop around it.
+
+The loop resumes from the newest readable checkpoint in the workdir (train state and data position), logs
+metrics, evaluates, checkpoints, stops cleanly on SIGTERM/SIGINT and refuses NaNs, then writes summary.json.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+import signal
+import sys
+import time
+
+import chinchax_kernels
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from chinchax import checkpoint, data, dry_run, flops, model, optim, parametrization
+from chinchax.config import batch_size_at, microbatch_size
+from chinchax.metrics import RunLog, atomic_write_json
+from chinchax.train_state import TrainState, init_state, optimizer, total_tokens
+
+__all__ = ["TrainState", "init_state", "make_train_step", "train"]
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (diverged, or too large for this host)."""
+
+
+def loss_fn(cfg: ml_collections.ConfigDict):
+    """(params, inputs, targets) → mean next-token cross-entropy in fp32 (nats/token)."""
+    gpt = model.build(cfg.model)
+    logit_scale = parametrization.forward_multipliers(cfg.model).logits
+
+    def loss(params, inputs, targets):
+        if cfg.model.loss == "chunked":
+            hidden = gpt.apply({"params": params}, inputs, method=model.GPT.features)
+            per_token = chinchax_kernels.softmax_cross_entropy(
+                hidden.reshape(-1, hidden.shape[-1]),
+                params["token_embed"]["embedding"],
+                targets.reshape(-1),
+                logit_scale=logit_scale,
+            )
+        else:
+            logits = gpt.apply({"params": params}, inputs)
+            per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return per_token.astype(jnp.float32).mean()
+
+    return loss
+
+
+def make_train_step(cfg: ml_collections.ConfigDict):
+    """step(state, batch) → (state, metrics); batch arrays are (microbatches, sequences, seq_len).
+
+    Gradients are averaged over microbatches with a scan (one compiled body); the metrics are the mean
+    loss, the global gradient norm before clipping, and the step's learning rate.
+    """
+    loss = loss_fn(cfg)
+    opt = optimizer(cfg, model.param_shapes(cfg.model))
+    lr = optim.learning_rate(cfg, total_tokens(cfg))
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def accumulate(carry, microbatch):
+            value, grads = jax.value_and_grad(loss)(state.params, microbatch["inputs"], microbatch["targets"])
+            return jax.tree.map(jnp.add, carry, (value, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (total_loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+        count = batch["inputs"].shape[0]
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = opt.update(grads, state.opt_state, state.params)
+        new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        metrics = {"loss": total_loss / count, "grad_norm": optax.global_norm(grads), "lr": lr(state.step)}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(cfg: ml_collections.ConfigDict):
+    """(params, batch) → mean loss of one (sequences, seq_len) batch."""
+    loss = loss_fn(cfg)
+    return jax.jit(lambda params, batch: loss(params, batch["inputs"], batch["targets"]))
+
+
+def evaluate(cfg, eval_step, params, store: pathlib.Path, split: str) -> float:
+    """Mean loss over the first train.eval_batches batches of a split (in order, the same every time)."""
+    loader = data.make_loader(
+        store,
+        split,
+        cfg.data.seq_len,
+        microbatch_size(cfg.train),
+        cfg.train.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        num_epochs=1,
+        shuffle=False,
+    )
+    batches = zip(range(cfg.train.eval_batches), loader, strict=False)
+    losses = [float(eval_step(params, batch)) for _, batch in batches]
+    return float(np.mean(losses))
+
+
+def available_device_bytes() -> int:
+    """Memory of one device: the accelerator's limit, or the host's available RAM on CPU."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024 // max(1, jax.local_device_count())
+
+
+def check_fits(cfg: ml_collections.ConfigDict) -> None:
+    """Fail before allocating when the analytic per-device memory exceeds what a device has."""
+    needed = dry_run.report(cfg)["per_device_memory_bytes"]
+    have = available_device_bytes()
+    if needed > have:
+        raise TrainingError(
+            f"{cfg.name} needs about {needed / 2**30:.1f} GiB per device, this host has "
+            f"{have / 2**30:.1f} GiB: see `python -m experiments.run --config={cfg.name} --dry_run` and run it "
+            "on a pod (--mesh) or with model.remat / more train.microbatches"
+        )
+
+
+class StopRequest:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+
+def _same_run(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> None:
+    """A workdir holds one run: resuming with a different config is refused, naming the differences."""
+    if not (workdir / "config.json").exists():
+        return
+    saved = checkpoint.read_config(workdir)
+    if saved.to_json() != cfg.to_json():
+        ours, theirs = _flat(cfg.to_dict()), _flat(saved.to_dict())
+        diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+        raise TrainingError(f"{workdir} holds a run with a different config (differs in {', '.join(diff)})")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def train(
+    cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, show_progress: bool = True
+) -> dict | None:
+    """Train (or resume) the run in `workdir`; return the summary, or None when stopped by a signal."""
+    wall_start = time.perf_counter()
+    workdir = pathlib.Path(workdir)
+    check_fits(cfg)
+    _same_run(workdir, cfg)
+    store = data.resolve_store(cfg.data.dataset, cfg.data.tokenizer, progress=show_progress)
+    plan = flops.plan(cfg)
+    checkpoint.write_config(workdir, cfg)
+    micro = microbatch_size(cfg.train)
+    loader = data.make_loader(
+        store,
+        "train",
+        cfg.data.seq_len,
+        micro // jax.process_count(),
+        cfg.train.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
+    abstract = jax.eval_shape(lambda: init_state(cfg, jax.random.key(cfg.train.seed)))
+    found = checkpoint.restore_latest(mngr, abstract, loader)
+    state = found[1] if found else init_state(cfg, jax.random.key(cfg.train.seed))
+    start = int(state.step)
+    step_fn = jax.jit(make_train_step(cfg), donate_argnums=0)
+    eval_step = make_eval_step(cfg)
+    peak, peak_source = flops.peak_flops_per_device(cfg.train.peak_flops_per_device)
+    peak *= jax.device_count()
+    log = RunLog(workdir, plan.steps, start, show_progress)
+    if found:
+        log.note(f"resumed from step {start} in {workdir}")
+    stop = StopRequest()
+    tokens = int(optim.tokens_seen(cfg)(start))
+    window_loss, window_steps, window_tokens = 0.0, 0, 0
+    timer_start, timed_tokens, timed_seconds = time.perf_counter(), 0, 0.0
+    last_saved, eval_loss = (start if found else None), None
+
+    for step in range(start, plan.steps):
+        sequences = batch_size_at(cfg, step)
+        batch = _next_batch(loader, sequences // micro)
+        state, metrics = step_fn(state, batch)
+        metrics = jax.device_get(metrics)
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            mngr.wait_until_finished()
+            mngr.close()
+            log.close()
+            raise TrainingError(
+                f"loss {metrics['loss']} / grad norm {metrics['grad_norm']} at step {step + 1}: training "
+                f"diverged; the last good checkpoint is step {last_saved} in {workdir / 'checkpoints'}"
+            )
+        step_tokens = sequences * cfg.data.seq_len
+        tokens += step_tokens
+        window_loss, window_steps, window_tokens = (
+            window_loss + float(metrics["loss"]),
+            window_steps + 1,
+            window_tokens + step_tokens,
+        )
+        if step > start:  # the first step of a process includes compilation
+            timed_tokens += step_tokens
+            timed_seconds += time.perf_counter() - timer_start
+        log.advance()
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == plan.steps:
+            record = {
+                "step": done,
+                "tokens": tokens,
+                "loss": window_loss / window_steps,
+                "lr": float(metrics["lr"]),
+                "grad_norm": float(metrics["grad_norm"]),
+            }
+            if timed_seconds > 0:
+                rate = timed_tokens / timed_seconds
+                record.update(tokens_per_second=rate, mfu=rate * plan.flops_per_token / peak)
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < plan.steps:
+                eval_loss = evaluate(cfg, eval_step, state.params, store, "validation")
+                record["eval_loss"] = eval_loss
+            log.record(record)
+            final_train_loss = record["loss"]
+            window_loss, window_steps, window_tokens = 0.0, 0, 0
+        if done % cfg.train.checkpoint_every == 0 or done == plan.steps or stop.requested:
+            checkpoint.save(mngr, done, state, loader)
+            last_saved = done
+        if stop.requested and done < plan.steps:
+            mngr.wait_until_finished()
+            mngr.close()
+            log.close()
+            print(
+                f"stopped at step {done}; checkpoint saved. Resume with:\n  python -m experiments.run "
+                f"--config={cfg.name} --workdir={workdir}",
+                file=sys.stderr,
+            )
+            return None
+        timer_start = time.perf_counter()  # evaluation and checkpoint starts are not training time
+
+    mngr.wait_until_finished()
+    mngr.close()
+    eval_loss = evaluate(cfg, eval_step, state.params, store, "validation")
+    test_loss = evaluate(cfg, eval_step, state.params, store, "test")
+    log.note(f"final validation loss {eval_loss:.4f}, test loss {test_loss:.4f}")
+    log.close()
+    rate = timed_tokens / timed_seconds if timed_seconds else float("nan")
+    summary = {
+        "name": cfg.name,
+        "final_train_loss": final_train_loss if plan.steps > start else None,
+        "final_eval_loss": eval_loss,
+        "final_test_loss": test_loss,
+        "params": plan.params,
+        "non_embedding_params": plan.non_embedding_params,
+        "tokens": tokens,
+        "steps": plan.steps,
+        "train_flops": plan.train_flops,
+        "flops_per_token": plan.flops_per_token,
+        "wall_seconds": time.perf_counter() - wall_start,
+        "train_seconds": timed_seconds,
+        "tokens_per_second": rate,
+        "mfu": rate * plan.flops_per_token / peak,
+        "peak_flops": peak,
+        "peak_flops_source": peak_source,
+        "devices": jax.device_count(),
+    }
+    atomic_write_json(workdir / "summary.json", summary)
+    return summary
+
+
+def _next_batch(loader, microbatches: int) -> dict:
+    """`microbatches` loader batches stacked to (microbatches, sequences, seq_len)."""
+    batches = [next(loader) for _ in range(microbatches)]
+    return {key: np.stack([b[key] for b in batches]) for key in ("inputs", "targets")}
