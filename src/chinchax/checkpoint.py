@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import sys
+import time
 
 import grain
 import jax
@@ -74,8 +76,12 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None) -> N
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None):
-    """(step, state) from the newest readable checkpoint (the iterator is restored in place), or None."""
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None, set_aside: bool = False):
+    """(step, state) from the newest readable checkpoint (the iterator is restored in place), or None.
+
+    With set_aside, an unreadable checkpoint is moved to workdir/corrupt_checkpoints/<step> (kept for
+    inspection, out of the way of the run that redoes its steps).
+    """
     for step in sorted(mngr.all_steps(), reverse=True):
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None and (pathlib.Path(mngr.directory) / str(step) / "data").exists():
@@ -89,6 +95,11 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=No
                 "trying the previous one",
                 file=sys.stderr,
             )
+            if set_aside:
+                corrupt = pathlib.Path(mngr.directory).parent / "corrupt_checkpoints"
+                corrupt.mkdir(exist_ok=True)
+                shutil.move(pathlib.Path(mngr.directory) / str(step), corrupt / f"{step}-{time.time_ns()}")
+                mngr.reload()
             continue
         return step, restored["state"]
     return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import tensorboardX
 import tqdm
@@ -62,7 +63,7 @@ class RunLog:
 
     def note(self, text: str) -> None:
         """A line printed above the bar (evaluations, checkpoints, warnings)."""
-        self.bar.write(text)
+        self.bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

@@ -181,7 +181,7 @@ def train(
     )
     mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
     abstract = jax.eval_shape(lambda: init_state(cfg, jax.random.key(cfg.train.seed)))
-    found = checkpoint.restore_latest(mngr, abstract, loader)
+    found = checkpoint.restore_latest(mngr, abstract, loader, set_aside=True)
     state = found[1] if found else init_state(cfg, jax.random.key(cfg.train.seed))
     start = int(state.step)
     step_fn = jax.jit(make_train_step(cfg), donate_argnums=0)

@@ -1,0 +1,108 @@
+"""The Cerebras optimizer against PyTorch's AdamW + clip_grad_norm_ with param groups, and the schedule."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from chinchax import config, model, optim, parametrization  # noqa: E402
+from experiments import configs  # noqa: E402
+
+
+def tiny(parametrization_name="mup", decay="cosine"):
+    cfg = configs.get("cpu_tiny")
+    cfg.model.update(
+        parametrization=parametrization_name,
+        d_model=128,
+        n_heads=4,
+        n_layers=2,
+        init_std=0.08 if parametrization_name == "mup" else 0.02,
+    )
+    cfg.data.seq_len = 32
+    cfg.train.update(
+        batch_size=4,
+        tokens=4 * 32 * 10,
+        warmup_tokens=4 * 32 * 3,
+        decay=decay,
+        peak_lr=3e-2,
+        weight_decay=0.1,
+        grad_clip_norm=0.5,
+        adam_eps=1e-8,
+    )
+    return config.validate(cfg)
+
+
+def expected_lr(cfg, step):
+    """The schedule written out: linear warmup to peak, then linear/cosine to 10% at the last token."""
+    t = cfg.train
+    tokens = min((step + 1) * t.batch_size * cfg.data.seq_len, t.tokens)
+    if tokens < t.warmup_tokens:
+        return t.peak_lr * tokens / t.warmup_tokens
+    frac = (tokens - t.warmup_tokens) / (t.tokens - t.warmup_tokens)
+    end = t.end_lr_fraction
+    if t.decay == "cosine":
+        return t.peak_lr * (end + (1 - end) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return t.peak_lr * (1 - (1 - end) * frac)
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_schedule_warmup_and_decay_to_ten_percent(decay):
+    cfg = tiny(decay=decay)
+    lr = optim.learning_rate(cfg, cfg.train.tokens)
+    for step in range(10):
+        assert float(lr(step)) == pytest.approx(expected_lr(cfg, step), rel=1e-5), step
+    assert float(lr(9)) == pytest.approx(0.1 * cfg.train.peak_lr, rel=1e-5)
+    assert float(lr(0)) > 0
+
+
+def test_schedule_is_in_tokens_across_a_batch_ramp():
+    cfg = tiny(decay="linear")
+    cfg.train.update(batch_ramp=((4 * 32 * 4, 8),), tokens=4 * 32 * 4 + 8 * 32 * 3, warmup_tokens=0)
+    lr = optim.learning_rate(cfg, cfg.train.tokens)
+    tokens_after = [128, 256, 384, 512, 768, 1024, 1280]
+    for step, tokens in enumerate(tokens_after):
+        expected = 3e-2 * (1 - 0.9 * tokens / cfg.train.tokens)
+        assert float(lr(step)) == pytest.approx(expected, rel=1e-5), step
+
+
+@pytest.mark.parametrize("parametrization_name", ["sp", "mup"])
+def test_updates_match_torch_adamw_with_param_groups(parametrization_name):
+    cfg = tiny(parametrization_name)
+    rng = np.random.default_rng()
+    params = model.init_params(cfg.model, jax.random.key(int(rng.integers(2**31))))
+    leaves, treedef = jax.tree.flatten(params)
+    roles = jax.tree.leaves(parametrization.param_roles(params))
+    rules = parametrization.rules(cfg.model)
+
+    torch_params = [torch.nn.Parameter(torch.tensor(np.asarray(x), dtype=torch.float64)) for x in leaves]
+    groups = [
+        {
+            "params": [p],
+            "lr_mult": rules[r].lr_multiplier,
+            "weight_decay": 0.1 if rules[r].weight_decay else 0.0,
+        }
+        for p, r in zip(torch_params, roles, strict=True)
+    ]
+    torch_opt = torch.optim.AdamW(groups, lr=1.0, betas=(0.9, 0.95), eps=1e-8)
+    opt = optim.make_optimizer(cfg, params, cfg.train.tokens)
+    state = opt.init(params)
+    for step in range(6):
+        grads = [rng.standard_normal(x.shape).astype(np.float32) * 0.3 for x in leaves]
+        updates, state = opt.update(
+            jax.tree.unflatten(treedef, [jnp.asarray(g) for g in grads]), state, params
+        )
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+
+        for p, g in zip(torch_params, grads, strict=True):
+            p.grad = torch.tensor(g, dtype=torch.float64)
+        torch.nn.utils.clip_grad_norm_(torch_params, 0.5)
+        for group in torch_opt.param_groups:
+            group["lr"] = expected_lr(cfg, step) * group["lr_mult"]
+        torch_opt.step()
+        ours = jax.tree.leaves(params)
+        for a, b in zip(ours, torch_params, strict=True):
+            np.testing.assert_allclose(np.asarray(a), b.detach().numpy(), rtol=2e-4, atol=2e-6)
