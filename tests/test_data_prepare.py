@@ -1,8 +1,10 @@
 """prepare / open_store / resolve_store: contents checked against an independent re-tokenization (HF tokenizers,
 raw UTF-8 bytes) of the corpus read by the test itself; reuse, atomicity and the CLI."""
 
+import collections
 import hashlib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -193,3 +195,17 @@ def test_prepare_data_cli(tmp_path):
     bad = subprocess.run([*command[:3], "--corpus=/no/such/corpus"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith("error: corpus '/no/such/corpus' is neither")
+
+
+def test_unigram_entropy_against_a_counter(tmp_path):
+    rng = np.random.default_rng()
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = ["".join(rng.choice(list("abcdefgh \n"), size=int(rng.integers(50, 400)))) for _ in range(40)]
+    for i, text in enumerate(texts):
+        (corpus / f"{i}.txt").write_text(text)
+    store = open_store(prepare(corpus, "bytes", tmp_path / "stores", progress=False, validation_fraction=0.3))
+    tokens = store.arrays["validation"].read().result().tolist()
+    counts = collections.Counter(tokens)
+    expected = -sum(c / len(tokens) * math.log(c / len(tokens)) for c in counts.values())
+    assert store.unigram_entropy("validation") == pytest.approx(expected, rel=1e-12)

@@ -9,8 +9,8 @@ SEQ = 256
 
 # name: (layers, d_model, heads, batch, peak LR)
 POINTS_TABLE = {
-    "cpu_tiny": (2, 64, 4, 16, 3e-3),
-    "cpu_default": (4, 96, 4, 16, 3e-3),
+    "cpu_tiny": (2, 32, 2, 8, 3e-3),
+    "cpu_default": (2, 64, 4, 16, 3e-3),
     "cpu_small": (4, 128, 4, 16, 2e-3),
 }
 POINTS = tuple(POINTS_TABLE)

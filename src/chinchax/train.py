@@ -266,6 +266,7 @@ def train(
         "final_train_loss": final_train_loss if plan.steps > start else None,
         "final_eval_loss": eval_loss,
         "final_test_loss": test_loss,
+        "validation_unigram_entropy": data.open_store(store).unigram_entropy("validation"),
         "params": plan.params,
         "non_embedding_params": plan.non_embedding_params,
         "tokens": tokens,

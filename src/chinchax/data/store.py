@@ -128,6 +128,12 @@ class Store:
         """Tokens in `split` (documents plus one EOS each)."""
         return int(self.manifest["splits"][split]["tokens"])
 
+    def unigram_entropy(self, split: str) -> float:
+        """Entropy of the split's token frequencies in nats/token: the loss of the best context-free model."""
+        counts = np.bincount(self.arrays[split].read().result())
+        p = counts[counts > 0] / counts.sum()
+        return float(-(p * np.log(p)).sum())
+
 
 _READ_CONTEXT: ts.Context | None = None
 
