@@ -10,7 +10,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from chinchax import checkpoint, dry_run, train
+from chinchax import aot, checkpoint, distributed, dry_run, train
 from chinchax import config as config_lib
 from experiments import configs
 
@@ -35,18 +35,32 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory, default runs/NAME; resumes from its checkpoints."
 )
+_MESH = flags.DEFINE_string(
+    "mesh", None, "Cluster preset (cpu, wse-N, gpu-8, tpu-v5e-16); sets config.mesh.preset."
+)
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan and its JSON; build nothing on devices.")
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
-    cfg = config_lib.validate(_CONFIG.value)
+    cfg = _CONFIG.value
+    if _MESH.value:
+        cfg.mesh.preset = _MESH.value
+    cfg = config_lib.validate(cfg)
     if _DRY_RUN.value:
         report = dry_run.report(cfg)
+        if _MESH.value:  # lower and compile the real step against a virtual mesh of the preset's size
+            report["aot"] = aot.compile_plan(cfg)
+            report["mesh"] = {"preset": cfg.mesh.preset, "shape": report["aot"]["shape"]}
+            report["per_device_memory_bytes"] = report["aot"]["memory_per_device_bytes"]["total"]
         print(dry_run.format_plan(report))
         print(json.dumps(report))
         return
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     workdir = _WORKDIR.value or f"runs/{cfg.name}"
     summary = train.train(cfg, workdir)
     if summary is not None:

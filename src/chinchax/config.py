@@ -233,6 +233,12 @@ def batch_phases(cfg: ml_collections.ConfigDict) -> list[tuple[int, int, int]]:
     return phases
 
 
+def tokens_before(cfg: ml_collections.ConfigDict, step: int) -> int:
+    """Tokens seen before (0-based) step `step`, exactly."""
+    first, seen, size = [phase for phase in batch_phases(cfg) if phase[0] <= step][-1]
+    return seen + (step - first) * size * cfg.data.seq_len
+
+
 def batch_size_at(cfg: ml_collections.ConfigDict, step: int) -> int:
     """Sequences in (0-based) step `step`."""
     return [size for first, _, size in batch_phases(cfg) if first <= step][-1]

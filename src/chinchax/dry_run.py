@@ -69,7 +69,8 @@ def format_plan(r: dict) -> str:
             f"{r['steps']:,} steps",
             f"FLOPs            {r['train_flops']:.3e} ({r['flops_per_token']:,} per token; "
             f"6N gives {r['flops_per_token_6n']:,})",
-            f"memory / device  {r['per_device_memory_bytes'] / 2**30:.2f} GiB (analytic estimate)",
+            f"memory / device  {r['per_device_memory_bytes'] / 2**30:.2f} GiB "
+            f"({'XLA memory analysis' if 'aot' in r else 'analytic estimate'})",
             f"mesh             {r['mesh']['preset']}: {shape}",
         ]
     )

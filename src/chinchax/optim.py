@@ -28,8 +28,8 @@ def tokens_seen(cfg: ml_collections.ConfigDict):
         count = jnp.asarray(count, jnp.float32)
         out = jnp.zeros_like(count)
         for first_step, first_token, size in phases:
-            per_step = size * cfg.data.seq_len
-            out = jnp.where(count >= first_step, first_token + (count - first_step) * per_step, out)
+            per_step = float(size * cfg.data.seq_len)  # floats: published token counts exceed int32
+            out = jnp.where(count >= first_step, float(first_token) + (count - first_step) * per_step, out)
         return out
 
     return tokens
@@ -38,8 +38,8 @@ def tokens_seen(cfg: ml_collections.ConfigDict):
 def token_schedule(cfg: ml_collections.ConfigDict, total_tokens: int) -> optax.Schedule:
     """tokens → learning rate: linear warmup to peak, then linear or cosine decay to end_lr_fraction · peak."""
     t = cfg.train
-    warmup = min(t.warmup_tokens, total_tokens)
-    decay_tokens = max(total_tokens - warmup, 1)
+    warmup = float(min(t.warmup_tokens, total_tokens))
+    decay_tokens = float(max(total_tokens - warmup, 1))
     if t.decay == "cosine":
         decay = optax.cosine_decay_schedule(t.peak_lr, decay_tokens, alpha=t.end_lr_fraction)
     else:
@@ -52,7 +52,7 @@ def token_schedule(cfg: ml_collections.ConfigDict, total_tokens: int) -> optax.S
 def learning_rate(cfg: ml_collections.ConfigDict, total_tokens: int) -> optax.Schedule:
     """0-based step → learning rate: the token schedule at the tokens seen once the step is done."""
     by_tokens, tokens = token_schedule(cfg, total_tokens), tokens_seen(cfg)
-    return lambda step: by_tokens(jnp.minimum(tokens(step + 1), total_tokens))
+    return lambda step: by_tokens(jnp.minimum(tokens(step + 1), float(total_tokens)))
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, params, total_tokens: int) -> optax.GradientTransformation:

@@ -14,14 +14,15 @@ import sys
 import time
 
 import chinchax_kernels
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from chinchax import checkpoint, data, dry_run, flops, model, optim, parametrization
-from chinchax.config import batch_size_at, microbatch_size
+from chinchax import checkpoint, data, dry_run, flops, mesh, model, optim, parametrization
+from chinchax.config import batch_size_at, microbatch_size, tokens_before
 from chinchax.metrics import RunLog, atomic_write_json
 from chinchax.train_state import TrainState, init_state, optimizer, total_tokens
 
@@ -81,19 +82,26 @@ def make_train_step(cfg: ml_collections.ConfigDict):
     return step
 
 
-def make_eval_step(cfg: ml_collections.ConfigDict):
-    """(params, batch) → mean loss of one (sequences, seq_len) batch."""
+def make_eval_step(cfg: ml_collections.ConfigDict, devices):
+    """(params, batch) → mean loss of one (1, sequences, seq_len) global batch, under the mesh's rules."""
     loss = loss_fn(cfg)
-    return jax.jit(lambda params, batch: loss(params, batch["inputs"], batch["targets"]))
+    jitted = jax.jit(lambda params, batch: loss(params, batch["inputs"][0], batch["targets"][0]))
+
+    def eval_step(params, batch):
+        with jax.set_mesh(devices), nn.logical_axis_rules(mesh.rules(cfg.mesh)):
+            return jitted(params, batch)
+
+    return eval_step
 
 
-def evaluate(cfg, eval_step, params, store: pathlib.Path, split: str) -> float:
+def evaluate(cfg, eval_step, devices, params, store: pathlib.Path, split: str) -> float:
     """Mean loss over the first train.eval_batches batches of a split (in order, the same every time)."""
+    micro = microbatch_size(cfg.train)
     loader = data.make_loader(
         store,
         split,
         cfg.data.seq_len,
-        microbatch_size(cfg.train),
+        micro // jax.process_count(),
         cfg.train.seed,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
@@ -101,7 +109,7 @@ def evaluate(cfg, eval_step, params, store: pathlib.Path, split: str) -> float:
         shuffle=False,
     )
     batches = zip(range(cfg.train.eval_batches), loader, strict=False)
-    losses = [float(eval_step(params, batch)) for _, batch in batches]
+    losses = [float(eval_step(params, _global_batch(devices, [b], micro))) for _, b in batches]
     return float(np.mean(losses))
 
 
@@ -179,27 +187,31 @@ def train(
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
+    devices = mesh.make_mesh(cfg.mesh)
+    rng = jax.random.key(cfg.train.seed)
+    abstract = jax.eval_shape(lambda: init_state(cfg, rng))
+    step_fn = mesh.jit_train_step(cfg, devices, make_train_step(cfg), abstract)
     mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
-    abstract = jax.eval_shape(lambda: init_state(cfg, jax.random.key(cfg.train.seed)))
-    found = checkpoint.restore_latest(mngr, abstract, loader, set_aside=True)
-    state = found[1] if found else init_state(cfg, jax.random.key(cfg.train.seed))
+    found = checkpoint.restore_latest(
+        mngr, mesh.sharded_shapes(cfg, devices, abstract), loader, set_aside=True
+    )
+    state = found[1] if found else mesh.init_sharded_state(cfg, devices, init_state, rng)
     start = int(state.step)
-    step_fn = jax.jit(make_train_step(cfg), donate_argnums=0)
-    eval_step = make_eval_step(cfg)
+    eval_step = make_eval_step(cfg, devices)
     peak, peak_source = flops.peak_flops_per_device(cfg.train.peak_flops_per_device)
     peak *= jax.device_count()
     log = RunLog(workdir, plan.steps, start, show_progress)
     if found:
         log.note(f"resumed from step {start} in {workdir}")
     stop = StopRequest()
-    tokens = int(optim.tokens_seen(cfg)(start))
+    tokens = tokens_before(cfg, start)
     window_loss, window_steps, window_tokens = 0.0, 0, 0
     timer_start, timed_tokens, timed_seconds = time.perf_counter(), 0, 0.0
     last_saved, eval_loss = (start if found else None), None
 
     for step in range(start, plan.steps):
         sequences = batch_size_at(cfg, step)
-        batch = _next_batch(loader, sequences // micro)
+        batch = _global_batch(devices, [next(loader) for _ in range(sequences // micro)], micro)
         state, metrics = step_fn(state, batch)
         metrics = jax.device_get(metrics)
         if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
@@ -234,7 +246,7 @@ def train(
                 rate = timed_tokens / timed_seconds
                 record.update(tokens_per_second=rate, mfu=rate * plan.flops_per_token / peak)
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < plan.steps:
-                eval_loss = evaluate(cfg, eval_step, state.params, store, "validation")
+                eval_loss = evaluate(cfg, eval_step, devices, state.params, store, "validation")
                 record["eval_loss"] = eval_loss
             log.record(record)
             final_train_loss = record["loss"]
@@ -256,8 +268,8 @@ def train(
 
     mngr.wait_until_finished()
     mngr.close()
-    eval_loss = evaluate(cfg, eval_step, state.params, store, "validation")
-    test_loss = evaluate(cfg, eval_step, state.params, store, "test")
+    eval_loss = evaluate(cfg, eval_step, devices, state.params, store, "validation")
+    test_loss = evaluate(cfg, eval_step, devices, state.params, store, "test")
     log.note(f"final validation loss {eval_loss:.4f}, test loss {test_loss:.4f}")
     log.close()
     rate = timed_tokens / timed_seconds if timed_seconds else float("nan")
@@ -285,7 +297,7 @@ def train(
     return summary
 
 
-def _next_batch(loader, microbatches: int) -> dict:
-    """`microbatches` loader batches stacked to (microbatches, sequences, seq_len)."""
-    batches = [next(loader) for _ in range(microbatches)]
-    return {key: np.stack([b[key] for b in batches]) for key in ("inputs", "targets")}
+def _global_batch(devices, local_batches: list[dict], micro: int) -> dict:
+    """This process's loader batches stacked to (microbatches, sequences, seq_len), as one global array."""
+    local = {key: np.stack([b[key] for b in local_batches]) for key in ("inputs", "targets")}
+    return mesh.global_batch(devices, local, micro)

@@ -1,0 +1,289 @@
+"""Cluster presets → a jax Mesh with axes ('data', 'fsdp', 'tensor'), and one logical-axis rules table.
+
+A Cerebras wafer-scale cluster trains by weight streaming: every CS-2 system computes on its shard of the
+batch while each layer's weights stream in from MemoryX and the gradients are summed back. In JAX terms that
+is FSDP (ZeRO-3): parameters and optimizer state sharded over the 'fsdp' axis, gathered per layer inside the
+scan, gradients reduce-scattered. 'data' holds plain replicas, 'tensor' splits heads and the MLP (Megatron
+style) on GPU/TPU pods. Parameters carry logical axis names (model.py); `LOGICAL_RULES` maps them to mesh
+axes, and everything else (param/state/batch shardings, the jitted step) is derived from it. Shapes that do
+not divide their mesh axes fail here, in one line, before anything is compiled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
+
+from chinchax import model
+from chinchax.config import ConfigError, microbatch_size
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over
+
+# Logical axis → mesh axes, in priority order (flax semantics: a row applies when its mesh axes are still
+# unused by the array's earlier rows). So an activation's 'embed' stays replicated because 'batch' already
+# took 'fsdp', while a parameter's 'embed' is sharded over 'fsdp'.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),  # activations: data parallel across replicas and weight-streaming systems
+    ("length", None),
+    ("layers", None),  # the scan axis: each step of the scan gathers one layer
+    ("embed", "fsdp"),  # parameters: every weight matrix has an embed dimension to shard (FSDP)
+    ("heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),  # presets whose vocabulary does not divide list it in Preset.replicated
+)
+
+REST = -1  # in a preset shape: this axis takes the devices the other axes leave
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A cluster as data: how many devices, the (data, fsdp, tensor) shape, logical axes kept unsharded."""
+
+    description: str
+    devices: int | None  # None: all visible devices (or N from a 'wse-N' name)
+    shape: tuple[int, int, int]  # one entry may be REST
+    replicated: tuple[str, ...] = ()  # LOGICAL_RULES rows this preset leaves out
+
+
+# fmt: off
+PRESETS: dict[str, Preset] = {
+    "cpu":        Preset("local devices, data parallel", None, (REST, 1, 1)),
+    "wse-N":      Preset("N Cerebras CS-2 systems, weight streaming = FSDP over N", None, (1, REST, 1)),
+    "gpu-8":      Preset("one 8-GPU node (8×H100): FSDP 4 × tensor 2", 8, (1, 4, 2), ("vocab",)),
+    "tpu-v5e-16": Preset("a TPU v5e 4×4 slice: FSDP 8 × tensor 2", 16, (1, 8, 2), ("vocab",)),
+}
+# fmt: on
+# The GPT-2 vocabulary (50257) and the byte vocabulary (257) are odd: with tensor parallelism the tied
+# embedding is sharded over 'fsdp' on its embed dimension only, and logits are split by batch only.
+
+
+def preset(name: str) -> Preset:
+    """The preset of a name; 'wse-16' instantiates 'wse-N' with N = 16."""
+    if name in PRESETS and name != "wse-N":
+        return PRESETS[name]
+    if match := re.fullmatch(r"wse-([1-9][0-9]*)", name):
+        return dataclasses.replace(PRESETS["wse-N"], devices=int(match.group(1)))
+    raise ConfigError(f"unknown mesh preset {name!r}; known: cpu, wse-N (e.g. wse-16), gpu-8, tpu-v5e-16")
+
+
+def _mesh_config(spec: ml_collections.ConfigDict | str) -> tuple[str, dict[str, int]]:
+    """(preset name, {axis: override or 0}) from cfg.mesh or a bare preset name."""
+    if isinstance(spec, str):
+        return spec, dict.fromkeys(AXES, 0)
+    return spec.preset, {axis: int(spec[axis]) for axis in AXES}
+
+
+def mesh_shape(spec: ml_collections.ConfigDict | str, device_count: int) -> dict[str, int]:
+    """{'data': d, 'fsdp': f, 'tensor': t} for cfg.mesh (or a preset name) on `device_count` devices."""
+    name, overrides = _mesh_config(spec)
+    chosen = preset(name)
+    if chosen.devices is not None and chosen.devices != device_count and not any(overrides.values()):
+        raise ConfigError(f"mesh preset {name!r} needs {chosen.devices} devices, {device_count} are given")
+    sizes = {axis: overrides[axis] or size for axis, size in zip(AXES, chosen.shape, strict=True)}
+    rest = [axis for axis, size in sizes.items() if size == REST]
+    if rest:
+        known = math.prod(size for size in sizes.values() if size != REST)
+        if device_count % known:
+            raise ConfigError(f"mesh {name!r}: {device_count} devices do not split into {sizes}")
+        sizes[rest[0]] = device_count // known
+    if math.prod(sizes.values()) != device_count:
+        shape = " × ".join(f"{a} {s}" for a, s in sizes.items())
+        raise ConfigError(
+            f"mesh {name!r} ({shape}) needs {math.prod(sizes.values())} devices, {device_count} are given"
+        )
+    return sizes
+
+
+def make_mesh(spec: ml_collections.ConfigDict | str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The Mesh of cfg.mesh (or a preset name) over `devices` (default: all), axes ('data', 'fsdp', 'tensor').
+
+    Axes are Auto (GSPMD propagates shardings; jax 0.10 defaults make_mesh to Explicit).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(spec, len(devices))
+    return jax.make_mesh(tuple(sizes.values()), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def abstract_mesh(spec: ml_collections.ConfigDict | str, device_count: int) -> AbstractMesh:
+    """The mesh's shape without devices: enough for param_specs and the checks (e.g. a 16-chip preset here)."""
+    sizes = mesh_shape(spec, device_count)
+    return AbstractMesh(tuple(sizes.values()), AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def rules(spec: ml_collections.ConfigDict | str) -> tuple:
+    """LOGICAL_RULES without the rows the preset leaves out (for nn.logical_axis_rules)."""
+    replicated = preset(_mesh_config(spec)[0]).replicated
+    return tuple((name, axes) for name, axes in LOGICAL_RULES if name not in replicated)
+
+
+def _axes_size(mesh: Mesh | AbstractMesh, axes: str | tuple[str, ...] | None) -> int:
+    if axes is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def param_specs(cfg: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh) -> dict:
+    """The PartitionSpec of every parameter; ConfigError when a dimension does not divide its mesh axes."""
+    logical = model.logical_axes(cfg.model)
+    specs = nn.logical_to_mesh(logical, rules(cfg.mesh))
+
+    def check(path, spec, names, shape):
+        for dim, (axes, name, size) in enumerate(zip(spec, names, shape.shape, strict=False)):
+            if size % _axes_size(mesh, axes):
+                where = "/".join(str(k.key) for k in path)
+                raise ConfigError(
+                    f"config {cfg.name!r} on mesh {_describe(cfg.mesh, mesh)}: parameter {where} dim {dim} "
+                    f"({name!r}) = {size} is not divisible by mesh axes {axes} = {_axes_size(mesh, axes)}"
+                )
+        return spec
+
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    return jax.tree_util.tree_map_with_path(
+        check, specs, logical, model.param_shapes(cfg.model), is_leaf=is_spec
+    )
+
+
+def _describe(spec: ml_collections.ConfigDict | str, mesh: Mesh | AbstractMesh) -> str:
+    shape = " × ".join(f"{a} {s}" for a, s in mesh.shape.items())
+    return f"{_mesh_config(spec)[0]} ({shape})"
+
+
+def param_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh) -> dict:
+    """A NamedSharding per parameter, by the rules."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh), is_leaf=is_spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (scalars such as the step and optax's count)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh, state_shapes):
+    """Shardings for a train state (or any pytree holding params): a leaf whose path ends in a parameter's
+    path with that parameter's shape (params, Adam moments) takes the parameter's sharding; every other
+    leaf (step, optax's count) is replicated explicitly, as an Auto mesh needs."""
+    by_path = {}
+    shardings = param_shardings(cfg, mesh)
+    shapes = model.param_shapes(cfg.model)
+    for (path, sharding), shape in zip(
+        jax.tree_util.tree_leaves_with_path(shardings), jax.tree.leaves(shapes), strict=True
+    ):
+        by_path[tuple(k.key for k in path)] = (sharding, shape.shape)
+
+    def choose(path, leaf):
+        trailing = []
+        for key in reversed(path):
+            if not isinstance(key, jax.tree_util.DictKey):
+                break
+            trailing.insert(0, key.key)
+        sharding, shape = by_path.get(tuple(trailing), (None, None))
+        return sharding if shape == tuple(leaf.shape) else replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(choose, state_shapes)
+
+
+def sharded_shapes(cfg: ml_collections.ConfigDict, mesh: Mesh, state_shapes):
+    """ShapeDtypeStructs carrying `state_shardings`: an AOT input, or an orbax restore target."""
+    shardings = state_shardings(cfg, mesh, state_shapes)
+    return jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings
+    )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """(microbatches, sequences, seq_len) arrays: sequences split over the batch axes ('data', 'fsdp')."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """Into how many parts a microbatch of sequences is split."""
+    return _axes_size(mesh, BATCH_AXES)
+
+
+def check_batch(cfg: ml_collections.ConfigDict, mesh: Mesh, sequences: int | None = None) -> None:
+    """ConfigError when a microbatch (default: the config's) does not split evenly over the batch axes."""
+    sequences = sequences or microbatch_size(cfg.train)
+    if sequences % batch_shards(mesh):
+        raise ConfigError(
+            f"config {cfg.name!r} on mesh {_describe(cfg.mesh, mesh)}: a microbatch of {sequences} sequences "
+            f"is not divisible by data × fsdp = {batch_shards(mesh)} (set train.microbatches or the mesh)"
+        )
+
+
+def process_batch_rows(mesh: Mesh, global_sequences: int) -> slice:
+    """The rows (sequences) of a global microbatch that this process's devices hold: what it should load."""
+    shape = (1, global_sequences, 1)
+    rows = [index[1] for index in batch_sharding(mesh).addressable_devices_indices_map(shape).values()]
+    start = min(r.start or 0 for r in rows)
+    stop = max(global_sequences if r.stop is None else r.stop for r in rows)
+    return slice(start, stop)
+
+
+def global_batch(mesh: Mesh, local_batch: dict, global_sequences: int) -> dict:
+    """One global, sharded batch from each process's rows (`process_batch_rows`), as numpy arrays."""
+    sharding = batch_sharding(mesh)
+
+    def make(local):
+        shape = (local.shape[0], global_sequences, *local.shape[2:])
+        return jax.make_array_from_process_local_data(sharding, np.asarray(local), shape)
+
+    return jax.tree.map(make, local_batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedStep:
+    """A jitted train step that runs (and lowers) under the mesh and the logical rules."""
+
+    jitted: Callable
+    mesh: Mesh
+    rules: tuple
+
+    def __call__(self, state, batch):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.jitted(state, batch)
+
+    def lower(self, state, batch):
+        """Lower against arrays or ShapeDtypeStructs (nothing allocated) for AOT compilation."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.jitted.lower(state, batch)
+
+
+def jit_train_step(
+    cfg: ml_collections.ConfigDict, mesh: Mesh, step_fn: Callable, state_shapes, check_microbatch: bool = True
+) -> ShardedStep:
+    """jax.jit(step_fn) with state and batch placed by the rules, metrics replicated, the state donated.
+
+    Checks before compiling that every parameter and (unless told not to) the config's microbatch divide
+    their mesh axes.
+    """
+    if check_microbatch:
+        check_batch(cfg, mesh)
+    state = state_shardings(cfg, mesh, state_shapes)
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state, batch_sharding(mesh)),
+        out_shardings=(state, replicated(mesh)),
+        donate_argnums=0,
+    )
+    return ShardedStep(jitted, mesh, rules(cfg.mesh))
+
+
+def init_sharded_state(cfg: ml_collections.ConfigDict, mesh: Mesh, init_fn: Callable, rng: jax.Array):
+    """init_fn(cfg, rng) run under jit straight into its shardings (no full copy on one device).
+
+    Runs without the logical rules: flax's DenseGeneral constrains its kernel before reshaping it at init.
+    """
+    shapes = jax.eval_shape(lambda: init_fn(cfg, rng))
+    out = state_shardings(cfg, mesh, shapes)
+    return jax.jit(lambda key: init_fn(cfg, key), out_shardings=out)(rng)
