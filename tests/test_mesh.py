@@ -75,9 +75,9 @@ def test_golden_param_specs(preset, devices, shape, expected):
 
 
 def _tiny(shape=(0, 0, 0)):
-    """cpu_tiny with an even vocabulary (264, splits over 'tensor'), 64-token sequences, 2 microbatches of 8."""
+    """d64 cpu_tiny with an even vocabulary (264, splits over 'tensor'), 64-token sequences, 2 microbatches of 8."""
     cfg = configs.get("cpu_tiny")
-    cfg.model.vocab_size = 264
+    cfg.model.update(vocab_size=264, d_model=64, n_heads=4)
     cfg.data.seq_len = 64
     cfg.train.update(batch_size=16, microbatches=2)
     cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = shape

@@ -7,6 +7,10 @@ axis names for the sharding rules. Params are fp32; matmuls run in `compute_dtyp
 Init and forward multipliers come from `parametrization` (SP or μP). With `mutable=["intermediates"]` the
 forward pass also returns the mean |activation| of the embedding output, attention logits, every block's
 output and the logits (the μP coordinate check); otherwise those cost nothing.
+
+Decoding (`build(model, decode=True)`): a 'cache' collection holds every layer's keys and values and the
+next position. `init_cache` makes an empty one; each apply with `mutable=["cache"]` appends its tokens at
+that position (a prompt at once, then one token at a time) and attends over everything written so far.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from chinchax.config import d_ffn, d_head
 
 
 def _init(model: ml_collections.ConfigDict, role: str, axes: tuple):
-    return nn.with_logical_partitioning(parametrization.initializer(model, role), axes)
+    return nn.with_logical_partitioning(parametrization.initializer(model, role), axes, rules=())
 
 
 def _layer_norm(model: ml_collections.ConfigDict, name: str) -> nn.LayerNorm:
@@ -40,10 +44,13 @@ def attention_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
     return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
 
 
-def attend_with_logits(logits: jax.Array, v: jax.Array) -> jax.Array:
-    """softmax(logits + causal mask) · v, softmax in fp32; returns (batch, seq, heads, d_head)."""
-    seq = logits.shape[-1]
-    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+def attend_with_logits(logits: jax.Array, v: jax.Array, query_offset: jax.Array | int = 0) -> jax.Array:
+    """softmax(logits + causal mask) · v, softmax in fp32; returns (batch, q_seq, heads, d_head).
+
+    Query i sits at position query_offset + i and key j at position j; a query sees keys at or before it.
+    """
+    q_seq, k_seq = logits.shape[-2:]
+    causal = jnp.arange(k_seq)[None, :] <= jnp.arange(q_seq)[:, None] + query_offset
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -53,9 +60,11 @@ class Block(nn.Module):
     """One pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     model: ml_collections.FrozenConfigDict
+    decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, _) -> tuple[jax.Array, None]:
+    def __call__(self, x: jax.Array, start: jax.Array | None) -> tuple[jax.Array, None]:
+        """x (batch, seq, d_model); start: position of x's first token in the KV cache (decode only)."""
         cfg, dtype = self.model, jnp.dtype(self.model.compute_dtype)
         heads, width = cfg.n_heads, d_head(cfg)
         bias = lambda axes: _init(cfg, "bias", axes)
@@ -70,7 +79,11 @@ class Block(nn.Module):
         )(h)
         qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "head_dim"))
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        y = self.attention(q, k, v, parametrization.forward_multipliers(cfg).attention_scale)
+        scale = parametrization.forward_multipliers(cfg).attention_scale
+        if self.decode:
+            y = self.attend_cached(q, k, v, scale, start)
+        else:
+            y = self.attention(q, k, v, scale)
         y = nn.DenseGeneral(
             cfg.d_model,
             axis=(-2, -1),
@@ -111,11 +124,26 @@ class Block(nn.Module):
         self.sow("intermediates", "attention_logits", jnp.mean(jnp.abs(logits)))
         return attend_with_logits(logits, v)
 
+    def attend_cached(self, q: jax.Array, k: jax.Array, v: jax.Array, scale: float, start: jax.Array):
+        """Writes k, v into the cache at `start`, then attends causally over the whole cache.
+
+        The cache is created with the shape of the first k, v seen (at init: (batch, cache_len, ...)).
+        Keys past the newest query are masked, so stale entries there are never read.
+        """
+        cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+        at = (0, start, 0, 0)
+        cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), at)
+        cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), at)
+        logits = attention_logits(q, cached_k.value, scale)
+        return attend_with_logits(logits, cached_v.value, query_offset=start)
+
 
 class GPT(nn.Module):
     """tokens (batch, seq) int32 → logits (batch, seq, vocab) fp32."""
 
     model: ml_collections.FrozenConfigDict
+    decode: bool = False
 
     def setup(self):
         cfg = self.model
@@ -133,21 +161,29 @@ class GPT(nn.Module):
         block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
         self.blocks = nn.scan(
             block,
-            variable_axes={"params": 0, "intermediates": 0},
+            variable_axes={"params": 0, "intermediates": 0, "cache": 0},
             split_rngs={"params": True},
+            in_axes=nn.broadcast,
             length=cfg.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, name="blocks")
+        )(cfg, self.decode, name="blocks")
         self.ln_f = _layer_norm(cfg, "ln_f")
+        if self.decode:
+            self.next_position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
 
     def features(self, tokens: jax.Array) -> jax.Array:
         """The final-LayerNorm hidden states (batch, seq, d_model), fp32."""
         multipliers = parametrization.forward_multipliers(self.model)
-        positions = self.position_embed[: tokens.shape[1]]
+        if self.decode:  # tokens continue the cached sequence at its next position
+            start = self.next_position.value
+            self.next_position.value = start + tokens.shape[1]
+            positions = jax.lax.dynamic_slice_in_dim(self.position_embed, start, tokens.shape[1])
+        else:
+            start, positions = None, self.position_embed[: tokens.shape[1]]
         x = (self.token_embed(tokens) + positions) * multipliers.embedding
         self.sow("intermediates", "embedding", jnp.mean(jnp.abs(x)))
         x = nn.with_logical_constraint(x.astype(self.model.compute_dtype), ("batch", "length", "embed"))
-        x, _ = self.blocks(x, None)
+        x, _ = self.blocks(x, start)
         return self.ln_f(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -166,9 +202,18 @@ class GPT(nn.Module):
         return logits
 
 
-def build(model: ml_collections.ConfigDict) -> GPT:
-    """The Flax module for a model config."""
-    return GPT(ml_collections.FrozenConfigDict(model))
+def build(model: ml_collections.ConfigDict, decode: bool = False) -> GPT:
+    """The Flax module for a model config; decode=True reads and extends a KV cache (see `init_cache`)."""
+    return GPT(ml_collections.FrozenConfigDict(model), decode)
+
+
+def init_cache(model: ml_collections.ConfigDict, batch: int, length: int) -> dict:
+    """An empty KV cache for `batch` sequences of up to `length` <= max_positions tokens (position 0)."""
+    if not 0 < length <= model.max_positions:
+        raise ValueError(f"cache length {length} must be in 1..max_positions={model.max_positions}")
+    tokens = jnp.zeros((batch, length), dtype=jnp.int32)
+    shapes = jax.eval_shape(lambda: build(model, decode=True).init(jax.random.key(0), tokens)["cache"])
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
 def init_params(model: ml_collections.ConfigDict, rng: jax.Array) -> dict:
