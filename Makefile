@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: install
-	$(PY) -m experiments.plan
+	$(PY) -m experiments.run --workdir=runs/demo
 
 test: install
 	$(PY) -m pytest -q -n 2 --durations=15
