@@ -195,3 +195,10 @@ def test_resuming_with_another_config_is_refused(reference_run):
     workdir, _ = reference_run
     with pytest.raises(train.TrainingError, match="different config.*train.peak_lr"):
         train.train(tiny_config(**{"train.peak_lr": 1e-3}), workdir, show_progress=False)
+
+
+def test_rerunning_a_finished_run_returns_its_summary(reference_run):
+    workdir, summary = reference_run
+    before = (workdir / "summary.json").read_text()
+    assert train.train(tiny_config(), workdir, show_progress=False) == summary
+    assert (workdir / "summary.json").read_text() == before

@@ -6,6 +6,7 @@ metrics, evaluates, checkpoints, stops cleanly on SIGTERM/SIGINT and refuses NaN
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pathlib
@@ -174,6 +175,9 @@ def train(
     workdir = pathlib.Path(workdir)
     check_fits(cfg)
     _same_run(workdir, cfg)
+    if (workdir / "summary.json").exists():  # a finished run: nothing to do
+        print(f"{workdir} holds a finished run; its summary:", file=sys.stderr)
+        return json.loads((workdir / "summary.json").read_text())
     store = data.resolve_store(cfg.data.dataset, cfg.data.tokenizer, progress=show_progress)
     plan = flops.plan(cfg)
     checkpoint.write_config(workdir, cfg)
@@ -207,7 +211,7 @@ def train(
     tokens = tokens_before(cfg, start)
     window_loss, window_steps, window_tokens = 0.0, 0, 0
     timer_start, timed_tokens, timed_seconds = time.perf_counter(), 0, 0.0
-    last_saved, eval_loss = (start if found else None), None
+    last_saved, eval_loss, final_train_loss = (start if found else None), None, None
 
     for step in range(start, plan.steps):
         sequences = batch_size_at(cfg, step)
@@ -275,7 +279,7 @@ def train(
     rate = timed_tokens / timed_seconds if timed_seconds else float("nan")
     summary = {
         "name": cfg.name,
-        "final_train_loss": final_train_loss if plan.steps > start else None,
+        "final_train_loss": final_train_loss,
         "final_eval_loss": eval_loss,
         "final_test_loss": test_loss,
         "validation_unigram_entropy": data.open_store(store).unigram_entropy("validation"),
