@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: install
-	$(PY) -m experiments.run --workdir=runs/demo
+	$(PY) -m experiments.sweep --sweep=cpu_ladder
 
 test: install
 	$(PY) -m pytest -q -n 2 --durations=15

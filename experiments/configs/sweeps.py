@@ -1,0 +1,104 @@
+"""The shipped sweeps: `python -m experiments.sweep --sweep=NAME`.
+
+Every point is a base scale point (experiments/configs/) plus `--config.a.b=v` overrides, planned by
+chinchax.scaling.plan. CPU sweeps start from `cpu_tiny` (bytes, 256-token sequences) with CPU_RECIPE (8 × 256 tokens a step).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from chinchax.scaling import plan
+from chinchax.scaling.sweep import Sweep, SweepError
+from experiments import configs
+
+CPU_BASE = "cpu_tiny"
+# The CPU recipe, pinned here so a sweep's points do not move when the base point's defaults change.
+CPU_RECIPE = (
+    ("train.batch_size", 8),
+    ("train.warmup_tokens", 20 * 8 * 256),
+    ("train.peak_lr", 3e-3),
+    ("train.decay", "cosine"),
+)
+CPU_HEAD = 16  # d_head at CPU widths (16–128): widths in steps of 16 give budgets about 2× apart
+
+# Budgets where the d_model 16, 32, …, 96 one-layer shapes (Cerebras aspect ratio at these widths) are
+# compute-optimal at 20 tokens/parameter: 6 points over 2.2 decades, ≈ 7.5e12 FLOPs in all.
+LADDER_BUDGETS = (2.1e10, 1.3e11, 4.1e11, 1.0e12, 2.0e12, 3.6e12)
+ISOFLOP_BUDGETS = (1e11, 3e11, 1e12)
+MUTRANSFER_WIDTHS = (32, 64, 128)
+MUTRANSFER_LRS = tuple(10.0**e for e in (-3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5))  # half-decade log grid
+MUTRANSFER_SHORT = (
+    ("model.n_layers", 2),
+    ("data.seq_len", 128),
+    ("train.batch_size", 8),
+    ("train.tokens", 40 * 8 * 128),
+    ("train.warmup_tokens", 5 * 8 * 128),
+    ("train.eval_batches", 8),
+)
+MUP = (
+    ("model.parametrization", "mup"),
+    ("model.mup_base_width", MUTRANSFER_WIDTHS[0]),
+    ("model.init_std", 0.08),
+)
+
+
+def smoke() -> Sweep:
+    """Two one-layer points of 8 steps each: checks a machine and the launcher in about a minute."""
+    short = CPU_RECIPE + (
+        ("train.tokens", 8 * 8 * 256),
+        ("train.warmup_tokens", 2 * 8 * 256),
+        ("train.eval_batches", 2),
+    )
+    points = tuple(
+        plan.Point(f"d{d}", CPU_BASE, plan.Shape(d, 1, d // CPU_HEAD).overrides() + short, {"width": d})
+        for d in (16, 32)
+    )
+    return Sweep("smoke", smoke.__doc__, points)
+
+
+def cpu_ladder() -> Sweep:
+    """Compute-optimal points (20 tokens/param) over 2.2 decades of FLOPs, then L(C) = (C/C_c)^-alpha + E."""
+    base = configs.get(CPU_BASE)
+    points = plan.ladder(base, CPU_BASE, LADDER_BUDGETS, d_head=CPU_HEAD, extra=CPU_RECIPE)
+    return Sweep("cpu_ladder", cpu_ladder.__doc__, tuple(points), analysis="compute_law")
+
+
+def isoflop_cpu() -> Sweep:
+    """Three budgets × five sizes (N_opt/3 … 3·N_opt at equal FLOPs), then Chinchilla approach 2 (and 3)."""
+    base = configs.get(CPU_BASE)
+    points = [
+        p
+        for budget in ISOFLOP_BUDGETS
+        for p in plan.isoflop_grid(
+            base, CPU_BASE, budget, sizes=5, spread=3.0, d_head=CPU_HEAD, tolerance=3.0
+        )
+    ]
+    return Sweep("isoflop_cpu", isoflop_cpu.__doc__, tuple(points), analysis="isoflop")
+
+
+def mutransfer() -> Sweep:
+    """Widths 32/64/128 × 7 learning rates, SP and μP (base width 32), 40 short steps each: the μTransfer figure."""
+    points = []
+    for parametrization, width, lr in itertools.product(("sp", "mup"), MUTRANSFER_WIDTHS, MUTRANSFER_LRS):
+        shape = plan.Shape(width, 2, width // 32).overrides()
+        extra = MUP if parametrization == "mup" else ()
+        points.append(
+            plan.Point(
+                f"{parametrization}_w{width}_lr{lr:.0e}",
+                CPU_BASE,
+                shape + MUTRANSFER_SHORT + (("train.peak_lr", lr), ("model.max_positions", 128)) + extra,
+                {"parametrization": parametrization, "width": width, "lr": lr},
+            )
+        )
+    return Sweep("mutransfer", mutransfer.__doc__, tuple(points), analysis="mutransfer")
+
+
+SWEEPS = {f.__name__: f for f in (cpu_ladder, isoflop_cpu, mutransfer, smoke)}
+
+
+def get(name: str) -> Sweep:
+    """The sweep of that name (planned now: planning is analytic and takes about a second)."""
+    if name not in SWEEPS:
+        raise SweepError(f"unknown sweep {name!r}; known: {', '.join(SWEEPS)}")
+    return SWEEPS[name]()

@@ -1,0 +1,105 @@
+"""Run a sweep: `python -m experiments.sweep --sweep=NAME [--root=DIR] [--launcher=local|slurm|print|gather]
+[--parallel=K]`.
+
+local trains every pending point (experiments.run in a subprocess, output in ROOT/logs/<point>.log), then
+gathers ROOT/results.{csv,jsonl} and runs the sweep's analysis (fit.json / mutransfer.json and PNGs in ROOT).
+Points with summary.json are skipped, so rerunning resumes a sweep (a killed point from its checkpoint).
+slurm writes ROOT/slurm/sweep.sbatch (an array job over the pending points); print prints one command per
+pending point (for the hosts of a pod, or xargs -P); gather only gathers and analyses what is done.
+Sweeps: experiments/configs/sweeps.py (--list names them).
+"""
+
+import json
+import pathlib
+import sys
+import time
+
+from absl import app, flags
+
+from chinchax.scaling import fit_io, plan
+from chinchax.scaling import sweep as sweep_lib
+from experiments import configs
+from experiments.configs import sweeps
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep name (see --list).")
+_ROOT = flags.DEFINE_string("root", None, "Sweep folder (default: runs/sweeps/NAME).")
+_LAUNCHER = flags.DEFINE_enum(
+    "launcher", "local", ["local", "slurm", "print", "gather"], "How to run points."
+)
+_PARALLEL = flags.DEFINE_integer(
+    "parallel", 1, "Points trained at once by the local launcher.", lower_bound=1
+)
+_BOOTSTRAP = flags.DEFINE_integer(
+    "bootstrap", sweep_lib.BOOTSTRAP, "Bootstrap resamples for the fit CIs.", lower_bound=0
+)
+_SBATCH = flags.DEFINE_multi_string("sbatch", [], "Extra #SBATCH option, e.g. --sbatch=--partition=gpu.")
+_LIST = flags.DEFINE_bool("list", False, "List the sweeps with their points' planned budgets and exit.")
+
+
+def list_sweeps() -> str:
+    lines = []
+    for name in sweeps.SWEEPS:
+        sweep = sweeps.get(name)
+        lines.append(f"{name}: {len(sweep.points)} points, analysis {sweep.analysis} — {sweep.description}")
+        for point in sweep.points:
+            row = plan.describe(configs.get(point.base), point)
+            lines.append(
+                f"  {point.name:28s} params {row['params']:>9,}  tokens {row['tokens']:>11,}  "
+                f"FLOPs {row['train_flops']:.3g}  tokens/param {row['tokens_per_param']:.1f}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _LIST.value:
+        print(list_sweeps())
+        return
+    if not _SWEEP.value:
+        raise sweep_lib.SweepError(f"--sweep is required; known: {', '.join(sweeps.SWEEPS)}")
+    sweep = sweeps.get(_SWEEP.value)
+    root = pathlib.Path(_ROOT.value or f"runs/sweeps/{sweep.name}").resolve()
+    sweep_lib.write_manifest(sweep, root)
+    if _LAUNCHER.value == "print":
+        print(sweep_lib.print_commands(sweep, root, REPO))
+        return
+    if _LAUNCHER.value == "slurm":
+        script = sweep_lib.write_slurm(sweep, root, REPO, tuple(_SBATCH.value))
+        print(f"submit with: sbatch {script}" if script else f"{sweep.name}: every point is done")
+        return
+    start = time.perf_counter()
+    outcomes = []
+    if _LAUNCHER.value == "local":
+        outcomes = sweep_lib.run_local(sweep, root, REPO, _PARALLEL.value)
+    rows = sweep_lib.gather(sweep, root)
+    counts = {
+        s: sum(sweep_lib.status(root, p) == s for p in sweep.points) for s in ("done", "diverged", "pending")
+    }
+    print(
+        f"{sweep.name}: {counts['done']}/{len(sweep.points)} done, {counts['diverged']} diverged, "
+        f"{counts['pending']} pending; ran {len(outcomes)} in {time.perf_counter() - start:.0f} s; "
+        f"results: {root / 'results.csv'}"
+    )
+    failed = [o for o in outcomes if o.status == "failed"]
+    if counts["pending"] == 0:
+        summary = sweep_lib.analyse(sweep, root, rows, _BOOTSTRAP.value)
+        if summary is not None:
+            print(summary.pop("text"))
+            print(json.dumps(summary))
+    if failed:
+        sys.exit(f"error: {len(failed)} point(s) failed, first: {failed[0].point}: {failed[0].message}")
+
+
+def cli():
+    """Entry point with one-line errors for unknown sweeps and results that cannot be fitted."""
+    try:
+        app.run(main)
+    except (sweep_lib.SweepError, plan.PlanError, fit_io.FitDataError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    cli()

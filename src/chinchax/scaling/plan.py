@@ -1,0 +1,325 @@
+"""Compute-optimal planning: the scale point (shape + tokens) for a FLOP budget, and isoFLOP grids.
+
+A planned point is a base scale point (a name `experiments.run --config=` takes) plus `--config.a.b=v`
+overrides. Shapes follow Cerebras-GPT: a fixed head width, d_model a multiple of it, and d_model / n_layers
+near the family's aspect ratio (its small members sit at ≈ 77: 768/10 and 1088/14). For a budget C the planner
+counts parameters and FLOPs per token exactly (chinchax.flops) for every candidate shape, picks the one whose
+allocation matches C best, and trains it for C / flops_per_token tokens (whole steps), so the point's FLOPs
+equal the budget while tokens per parameter land near the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+from collections.abc import Iterable, Iterator, Mapping
+
+import ml_collections
+
+from chinchax import config as config_lib
+from chinchax import flops
+from chinchax.scaling import fit
+
+# d_model / n_layers of Cerebras-GPT 111M (768/10) and 256M (1088/14), the family's smallest members.
+CEREBRAS_ASPECT_RATIO = 77.0
+ASPECT_TOLERANCE = 1.5  # candidate shapes have d_model / n_layers within this factor of the target
+TOKENS_PER_PARAM = 20.0  # Chinchilla / Cerebras-GPT
+FLOP_COUNTS = ("detailed", "6n")
+MAX_HEADS = 512
+OVERSHOOT = math.log(4.0)  # the search stops at widths whose every shape overshoots the target this much
+
+
+class PlanError(ValueError):
+    """A plan request that cannot be met; the message is one line saying what."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """One run of a sweep: `experiments.run --config=<base> --config.<key>=<value> ...`, plus tags for tables."""
+
+    name: str
+    base: str
+    overrides: tuple[tuple[str, object], ...] = ()
+    tags: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+    def run_args(self) -> list[str]:
+        """The experiments.run arguments, workdir aside."""
+        return [f"--config={self.base}"] + [f"--config.{k}={format_value(v)}" for k, v in self.overrides]
+
+
+def format_value(value: object) -> str:
+    """A config value as config_flags parses it back (floats round-trip through repr)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def configure(
+    base: ml_collections.ConfigDict, overrides: Iterable[tuple[str, object]]
+) -> ml_collections.ConfigDict:
+    """A validated copy of `base` with the dotted-key overrides applied (unknown keys fail, one line)."""
+    cfg = ml_collections.ConfigDict(base.to_dict())
+    cfg.lock()
+    overrides = dict(overrides)
+    unknown = sorted(set(overrides) - set(config_lib.SCHEMA))
+    if unknown:
+        raise PlanError(f"unknown config key(s) in overrides: {', '.join(unknown)}")
+    cfg.update_from_flattened_dict(overrides)
+    return config_lib.validate(cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """A model shape: width, depth, heads."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+
+    def overrides(self) -> tuple[tuple[str, object], ...]:
+        return (
+            ("model.d_model", self.d_model),
+            ("model.n_layers", self.n_layers),
+            ("model.n_heads", self.n_heads),
+        )
+
+
+def candidate_shapes(
+    d_head: int, aspect_ratio: float = CEREBRAS_ASPECT_RATIO, tolerance: float = ASPECT_TOLERANCE
+) -> Iterator[list[Shape]]:
+    """Per width d_model = k·d_head (k = 1 … MAX_HEADS, ascending), the shapes whose d_model / n_layers is within
+    `tolerance` of `aspect_ratio`; widths too narrow for one layer at that ratio get one layer."""
+    if d_head <= 0:
+        raise PlanError(f"d_head must be > 0, got {d_head}")
+    if aspect_ratio <= 0 or tolerance < 1:
+        raise PlanError(f"need aspect_ratio={aspect_ratio} > 0 and tolerance={tolerance} >= 1")
+    for d in range(d_head, MAX_HEADS * d_head + 1, d_head):
+        low = max(1, math.ceil(d / (aspect_ratio * tolerance)))
+        high = max(1, math.floor(d * tolerance / aspect_ratio))
+        yield [Shape(d, layers, d // d_head) for layers in range(low, high + 1)]
+
+
+def _search(
+    value, target: float, d_head: int, aspect_ratio: float, tolerance: float
+) -> list[tuple[float, Shape]]:
+    """(log value − target, shape) for candidate shapes by ascending width, stopping once a whole width
+    overshoots `target` by more than OVERSHOOT (values grow with width)."""
+    found = []
+    for shapes in candidate_shapes(d_head, aspect_ratio, tolerance):
+        errors = [(value(s) - target, s) for s in shapes]
+        found += errors
+        if min(e for e, _ in errors) > OVERSHOOT:
+            break
+    return found
+
+
+def _per_token(cfg: ml_collections.ConfigDict, count: str) -> int:
+    return (
+        flops.flops_per_token(cfg.model, cfg.data.seq_len)
+        if count == "detailed"
+        else 6 * flops.param_count(cfg.model)
+    )
+
+
+def tokens_for_budget(cfg: ml_collections.ConfigDict, budget: float, count: str = "detailed") -> int:
+    """Training tokens that spend `budget` FLOPs, rounded to whole steps of the first batch size (≥ 1 step)."""
+    step_tokens = cfg.train.batch_size * cfg.data.seq_len
+    return max(1, round(budget / _per_token(cfg, count) / step_tokens)) * step_tokens
+
+
+def _check_budget(budget: float, count: str) -> None:
+    if not (math.isfinite(budget) and budget > 0):
+        raise PlanError(f"FLOP budget must be finite and > 0, got {budget!r}")
+    if count not in FLOP_COUNTS:
+        raise PlanError(f"FLOP count {count!r} is not one of {FLOP_COUNTS}")
+
+
+def _with_shape(base: ml_collections.ConfigDict, shape: Shape) -> types.SimpleNamespace:
+    """The base model fields with the shape's (a plain namespace: the counts in chinchax.flops read attributes)."""
+    fields = base.model.to_dict()
+    fields.update(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads)
+    return types.SimpleNamespace(**fields)
+
+
+def solve_shape(
+    base: ml_collections.ConfigDict,
+    budget: float,
+    allocation: float | fit.PowerLaw = TOKENS_PER_PARAM,
+    *,
+    d_head: int = 64,
+    aspect_ratio: float = CEREBRAS_ASPECT_RATIO,
+    tolerance: float = ASPECT_TOLERANCE,
+    count: str = "detailed",
+) -> Shape:
+    """The candidate shape whose compute-optimal budget is closest (in log) to `budget`.
+
+    `allocation` is tokens per parameter (the shape's budget is then tpp·N·flops_per_token), or a fitted
+    N_opt(C) power law (the shape with N closest to N_opt(budget)).
+    """
+    _check_budget(budget, count)
+    if isinstance(allocation, fit.PowerLaw):
+        target = math.log(float(allocation(budget)))
+    elif allocation > 0:
+        target = math.log(budget)
+    else:
+        raise PlanError(f"tokens per parameter must be > 0, got {allocation!r}")
+
+    def value(shape: Shape) -> float:
+        model = _with_shape(base, shape)
+        params = flops.param_count(model)
+        if isinstance(allocation, fit.PowerLaw):
+            return math.log(params)
+        per_token = flops.flops_per_token(model, base.data.seq_len) if count == "detailed" else 6 * params
+        return math.log(allocation * params * per_token)
+
+    return min(_search(value, target, d_head, aspect_ratio, tolerance), key=lambda found: abs(found[0]))[1]
+
+
+def budget_tag(budget: float) -> str:
+    """A short name for a budget, e.g. 1.6e+11 → 'c1.6e11'."""
+    mantissa, exponent = f"{budget:.2g}".split("e") if "e" in f"{budget:.2g}" else (f"{budget:.2g}", "0")
+    return f"c{mantissa}e{int(exponent)}"
+
+
+def _point(
+    base: ml_collections.ConfigDict,
+    base_name: str,
+    name: str,
+    shape: Shape,
+    budget: float,
+    count: str,
+    extra: tuple[tuple[str, object], ...],
+    tags: Mapping[str, object],
+) -> Point:
+    cfg = configure(base, shape.overrides() + extra)
+    tokens = tokens_for_budget(cfg, budget, count)
+    return Point(
+        name=name,
+        base=base_name,
+        overrides=shape.overrides() + (("train.tokens", tokens),) + extra,
+        tags={"budget": budget, **tags},
+    )
+
+
+def compute_optimal(
+    base: ml_collections.ConfigDict,
+    base_name: str,
+    budget: float,
+    allocation: float | fit.PowerLaw = TOKENS_PER_PARAM,
+    *,
+    d_head: int = 64,
+    aspect_ratio: float = CEREBRAS_ASPECT_RATIO,
+    tolerance: float = ASPECT_TOLERANCE,
+    count: str = "detailed",
+    extra: Iterable[tuple[str, object]] = (),
+) -> Point:
+    """The compute-optimal point for `budget` FLOPs (see solve_shape), trained for budget / flops_per_token tokens.
+
+    `extra` overrides (learning rate, batch size, …) apply on top of the shape; they may change the count.
+    """
+    extra = tuple(extra)
+    shape = solve_shape(
+        configure(base, extra),
+        budget,
+        allocation,
+        d_head=d_head,
+        aspect_ratio=aspect_ratio,
+        tolerance=tolerance,
+        count=count,
+    )
+    name = f"{budget_tag(budget)}_d{shape.d_model}_l{shape.n_layers}"
+    return _point(base, base_name, name, shape, budget, count, extra, {})
+
+
+def ladder(
+    base: ml_collections.ConfigDict,
+    base_name: str,
+    budgets: Iterable[float],
+    allocation: float | fit.PowerLaw = TOKENS_PER_PARAM,
+    **options,
+) -> list[Point]:
+    """One compute-optimal point per budget; fails (one line) when two budgets land on the same shape."""
+    points = [compute_optimal(base, base_name, b, allocation, **options) for b in budgets]
+    shapes = [p.overrides[:3] for p in points]
+    for i, shape in enumerate(shapes):
+        if shape in shapes[:i]:
+            raise PlanError(
+                f"budgets {points[shapes.index(shape)].tags['budget']:.3g} and "
+                f"{points[i].tags['budget']:.3g} plan the same shape {dict(shape)}; space them further"
+            )
+    return points
+
+
+def isoflop_grid(
+    base: ml_collections.ConfigDict,
+    base_name: str,
+    budget: float,
+    sizes: int = 5,
+    spread: float = 4.0,
+    allocation: float | fit.PowerLaw = TOKENS_PER_PARAM,
+    *,
+    d_head: int = 64,
+    aspect_ratio: float = CEREBRAS_ASPECT_RATIO,
+    tolerance: float = ASPECT_TOLERANCE,
+    count: str = "detailed",
+    extra: Iterable[tuple[str, object]] = (),
+) -> list[Point]:
+    """`sizes` distinct shapes at one budget, log-spaced in N from N_opt/spread to N_opt·spread around the optimum.
+
+    Each is the candidate with N closest to its target; every point trains for budget / flops_per_token tokens.
+    """
+    if sizes < 2 or spread <= 1:
+        raise PlanError(f"an isoFLOP grid needs sizes={sizes} >= 2 and spread={spread} > 1")
+    extra = tuple(extra)
+    cfg = configure(base, extra)
+    optimum = solve_shape(
+        cfg, budget, allocation, d_head=d_head, aspect_ratio=aspect_ratio, tolerance=tolerance, count=count
+    )
+    n_opt = flops.param_count(_with_shape(cfg, optimum))
+    targets = [n_opt * spread ** (2 * i / (sizes - 1) - 1) for i in range(sizes)]
+    chosen: list[Shape] = []
+    found = _search(
+        lambda s: math.log(flops.param_count(_with_shape(cfg, s))),
+        math.log(targets[-1]),
+        d_head,
+        aspect_ratio,
+        tolerance,
+    )
+    counts = {s: flops.param_count(_with_shape(cfg, s)) for _, s in found}
+    candidates = list(counts)
+    if len(candidates) < sizes:
+        raise PlanError(
+            f"only {len(candidates)} shapes near {budget:.3g} FLOPs; ask for fewer than {sizes} sizes"
+        )
+    for target in targets:
+        free = [s for s in candidates if s not in chosen]
+        chosen.append(min(free, key=lambda s: abs(math.log(counts[s] / target))))
+    chosen.sort(key=counts.get)
+    return [
+        _point(
+            base,
+            base_name,
+            f"{budget_tag(budget)}_d{s.d_model}_l{s.n_layers}",
+            s,
+            budget,
+            count,
+            extra,
+            {"params_vs_optimum": counts[s] / n_opt},
+        )
+        for s in chosen
+    ]
+
+
+def describe(base: ml_collections.ConfigDict, point: Point) -> dict:
+    """The planned numbers of a point (flops.plan of its config), as a JSON-ready dict."""
+    cfg = configure(base, point.overrides)
+    plan = flops.plan(cfg)
+    return {
+        "name": point.name,
+        **{k: v for k, v in point.tags.items()},
+        "d_model": cfg.model.d_model,
+        "n_layers": cfg.model.n_layers,
+        "n_heads": cfg.model.n_heads,
+        **dataclasses.asdict(plan),
+    }

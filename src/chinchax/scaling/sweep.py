@@ -1,0 +1,448 @@
+"""Sweeps: run many scale points (local subprocesses, SLURM array, printed commands), resume, gather, analyse.
+
+A sweep is a list of planned points (chinchax.scaling.plan.Point) and the analysis that follows them. Under a
+root folder each point trains in `runs/<point>/` (experiments.run's workdir: a killed point resumes from its
+checkpoint by rerunning the same command) with its output in `logs/<point>.log`; a point whose workdir holds
+summary.json is done and skipped. `results.csv` / `results.jsonl` gather every done point's tags and summary,
+and the analysis (compute-law fit, isoFLOP fit, μTransfer figure) writes its JSON and plots into the root.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import csv
+import dataclasses
+import fcntl
+import io
+import json
+import os
+import pathlib
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from chinchax.scaling import fit, fit_io, plots  # noqa: E402
+from chinchax.scaling.plan import Point  # noqa: E402
+
+ANALYSES = ("compute_law", "isoflop", "mutransfer")
+RUNNER = ("-m", "experiments.run")
+DIVERGED_MARK = "diverged"  # experiments.run's one-line error for a run whose loss went non-finite says this
+BOOTSTRAP = 200
+SEED = 0
+SUMMARY_COLUMNS = (
+    "final_train_loss",
+    "final_eval_loss",
+    "params",
+    "non_embedding_params",
+    "tokens",
+    "train_flops",
+    "flops_per_token",
+    "wall_seconds",
+    "tokens_per_second",
+    "mfu",
+)
+
+
+class SweepError(ValueError):
+    """A sweep that cannot be run or analysed as asked; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """Points to train and the analysis of their results (one of ANALYSES, or None)."""
+
+    name: str
+    description: str
+    points: tuple[Point, ...]
+    analysis: str | None = None
+
+    def __post_init__(self):
+        names = [p.name for p in self.points]
+        if len(set(names)) != len(names):
+            raise SweepError(f"sweep {self.name!r}: point names repeat")
+        if self.analysis not in (None, *ANALYSES):
+            raise SweepError(f"sweep {self.name!r}: analysis {self.analysis!r} is not one of {ANALYSES}")
+
+
+def workdir(root: pathlib.Path, point: Point) -> pathlib.Path:
+    return root / "runs" / point.name
+
+
+def log_path(root: pathlib.Path, point: Point) -> pathlib.Path:
+    return root / "logs" / f"{point.name}.log"
+
+
+def diverged_path(root: pathlib.Path, point: Point) -> pathlib.Path:
+    return root / "diverged" / f"{point.name}.json"
+
+
+def status(root: pathlib.Path, point: Point) -> str:
+    """'done' (summary.json written), 'diverged' (recorded, not retried) or 'pending'."""
+    if (workdir(root, point) / "summary.json").is_file():
+        return "done"
+    return "diverged" if diverged_path(root, point).is_file() else "pending"
+
+
+def command(root: pathlib.Path, point: Point, python: str = sys.executable) -> list[str]:
+    """experiments.run for the point, with its name and workdir."""
+    return [
+        python,
+        *RUNNER,
+        *point.run_args(),
+        f"--config.name={point.name}",
+        f"--workdir={workdir(root, point)}",
+    ]
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+    """Write text to a temp file in the same folder, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as f:
+            f.write(text)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_manifest(sweep: Sweep, root: pathlib.Path) -> None:
+    """root/sweep.json: the sweep's points with their experiments.run arguments and tags."""
+    points = [
+        {"name": p.name, "args": p.run_args(), "tags": dict(p.tags), "workdir": str(workdir(root, p))}
+        for p in sweep.points
+    ]
+    manifest = {"sweep": sweep.name, "description": sweep.description, "analysis": sweep.analysis}
+    write_atomic(root / "sweep.json", json.dumps({**manifest, "points": points}, indent=1) + "\n")
+
+
+@contextlib.contextmanager
+def _point_lock(root: pathlib.Path, point: Point):
+    """Yield True when this process holds the point's lock (another sweep on the same root may hold it)."""
+    path = root / "logs" / f".{point.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+
+
+def _last_error(log: pathlib.Path) -> str:
+    """The run's last `error: ...` line, else its last non-empty line."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+@dataclasses.dataclass
+class Outcome:
+    point: str
+    status: str  # done | diverged | failed | busy
+    seconds: float
+    message: str = ""
+
+
+def _run_point(
+    root: pathlib.Path, point: Point, cwd: pathlib.Path, env: dict, children: dict, stopping: threading.Event
+) -> Outcome:
+    start = time.perf_counter()
+    with _point_lock(root, point) as mine:
+        if not mine:
+            return Outcome(point.name, "busy", 0.0, "another sweep process is running it")
+        if status(root, point) != "pending" or stopping.is_set():
+            return Outcome(point.name, status(root, point), 0.0)
+        log = log_path(root, point)
+        with open(log, "a") as out:
+            out.write(f"\n$ {shlex.join(command(root, point))}\n")
+            out.flush()
+            child = subprocess.Popen(
+                command(root, point), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
+            )
+            children[point.name] = child
+            rc = child.wait()
+            children.pop(point.name, None)
+        seconds = time.perf_counter() - start
+        if status(root, point) == "done":
+            return Outcome(point.name, "done", seconds)
+        message = _last_error(log)
+        if rc != 0 and DIVERGED_MARK in message:
+            write_atomic(
+                diverged_path(root, point), json.dumps({"point": point.name, "error": message}) + "\n"
+            )
+            return Outcome(point.name, "diverged", seconds, message)
+        return Outcome(point.name, "failed", seconds, f"exit {rc}: {message} (log: {log})")
+
+
+def run_local(
+    sweep: Sweep, root: pathlib.Path, cwd: pathlib.Path, parallel: int = 1, progress: bool = True
+) -> list[Outcome]:
+    """Train every pending point, `parallel` at a time; returns the outcomes of the points it tried.
+
+    SIGINT / SIGTERM reach the running points as SIGTERM (they checkpoint and stop); rerunning resumes them.
+    """
+    if parallel < 1:
+        raise SweepError(f"--parallel must be >= 1, got {parallel}")
+    pending = [p for p in sweep.points if status(root, p) == "pending"]
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    children: dict[str, subprocess.Popen] = {}
+    stopping = threading.Event()
+    outcomes: list[Outcome] = []
+    bar = tqdm(
+        total=len(sweep.points),
+        initial=len(sweep.points) - len(pending),
+        desc=sweep.name,
+        unit="run",
+        disable=not progress,
+    )
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
+    try:
+        futures = [pool.submit(_run_point, root, p, cwd, env, children, stopping) for p in pending]
+        for future in concurrent.futures.as_completed(futures):
+            outcome = future.result()
+            outcomes.append(outcome)
+            bar.update(1)
+            bar.set_postfix_str(f"{outcome.point}: {outcome.status} ({outcome.seconds:.0f} s)")
+            if outcome.status == "failed":
+                tqdm.write(f"failed: {outcome.point}: {outcome.message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        stopping.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        for child in list(children.values()):
+            child.send_signal(signal.SIGTERM)
+        for child in list(children.values()):
+            child.wait()
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+    return outcomes
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def print_commands(sweep: Sweep, root: pathlib.Path, cwd: pathlib.Path) -> str:
+    """One shell line per pending point (run each on every host of a pod slice, or feed them to xargs -P)."""
+    python = "python"
+    lines = [
+        f"cd {shlex.quote(str(cwd))} && {shlex.join(command(root, p, python))} >> {shlex.quote(str(log_path(root, p)))} 2>&1"
+        for p in sweep.points
+        if status(root, p) == "pending"
+    ]
+    return "\n".join(lines)
+
+
+def write_slurm(
+    sweep: Sweep, root: pathlib.Path, cwd: pathlib.Path, sbatch_options: tuple[str, ...] = ()
+) -> pathlib.Path | None:
+    """root/slurm/{commands.txt, sweep.sbatch}: an array job, one task per pending point; None when none pends.
+
+    Each task skips its point if summary.json appeared meanwhile and appends to the point's log. SLURM's TERM
+    two minutes before the time limit is forwarded to the trainer, which checkpoints; resubmitting (this
+    command writes a new array over what is still pending) resumes those points from their checkpoints.
+    """
+    pending = [p for p in sweep.points if status(root, p) == "pending"]
+    if not pending:
+        return None
+    folder = root / "slurm"
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"test -f {shlex.quote(str(workdir(root, p) / 'summary.json'))} || "
+        f"exec {shlex.join(command(root, p, 'python'))} >> {shlex.quote(str(log_path(root, p)))} 2>&1"
+        for p in pending
+    ]
+    write_atomic(folder / "commands.txt", "\n".join(lines) + "\n")
+    header = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={sweep.name}",
+        f"#SBATCH --array=1-{len(pending)}",
+        f"#SBATCH --output={folder}/%A_%a.out",
+        "#SBATCH --signal=B:TERM@120",  # time to checkpoint before the time limit
+        *[f"#SBATCH {option}" for option in sbatch_options],
+    ]
+    body = [
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(cwd))}",
+        f'line=$(sed -n "${{SLURM_ARRAY_TASK_ID}}p" {shlex.quote(str(folder / "commands.txt"))})',
+        'bash -c "$line" &',  # `exec` in the line makes this child the trainer itself
+        "trainer=$!",
+        "trap 'kill -TERM \"$trainer\"' TERM",  # forward SLURM's warning: the trainer checkpoints and stops
+        'wait "$trainer" || wait "$trainer"',
+    ]
+    script = folder / "sweep.sbatch"
+    write_atomic(script, "\n".join(header + [""] + body) + "\n")
+    return script
+
+
+def gather(sweep: Sweep, root: pathlib.Path) -> list[dict]:
+    """One row per done point (sweep order): point name, tags, summary.json fields, and `flops` / `loss` columns
+    (train FLOPs, validation loss) for the fits. Written atomically to root/results.{csv,jsonl}."""
+    rows = []
+    for point in sweep.points:
+        path = workdir(root, point) / "summary.json"
+        if not path.is_file():
+            continue
+        try:
+            summary = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise SweepError(f"{path}: not JSON ({error.msg})") from None
+        missing = [c for c in SUMMARY_COLUMNS if c not in summary]
+        if missing:
+            raise SweepError(f"{path}: summary lacks {', '.join(missing)}")
+        row = {"point": point.name, **point.tags, **{c: summary[c] for c in SUMMARY_COLUMNS}}
+        row.update(flops=summary["train_flops"], loss=summary["final_eval_loss"])
+        rows.append(row)
+    write_atomic(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(root / "results.csv", text.getvalue())
+    return rows
+
+
+def analyse(sweep: Sweep, root: pathlib.Path, rows: list[dict], resamples: int = BOOTSTRAP) -> dict | None:
+    """Run the sweep's analysis on the gathered rows; writes root/fit.json (or mutransfer.json) and plots."""
+    if sweep.analysis is None or not rows:
+        return None
+    if sweep.analysis == "mutransfer":
+        return mutransfer(sweep, root, rows)
+    points = fit_io.load_points(root / "results.csv")
+    law = "compute" if sweep.analysis == "compute_law" else "chinchilla"
+    try:
+        fit_io.require_points(points, law, 0)
+    except fit_io.FitDataError as error:
+        raise SweepError(f"not fitting yet: {error}") from None
+    out = root / "fit"
+    approach1 = approach2 = None
+    if law == "compute":
+        law_fit = fit.fit_compute_law(points.flops, points.loss, resamples=resamples, seed=SEED)
+        paths = {"compute_law_ci": compute_law_band(points, law_fit, out / "compute_law_ci.png")}
+    else:
+        law_fit = fit.fit_chinchilla(
+            points.params, points.tokens, points.loss, resamples=resamples, seed=SEED
+        )
+        approach2 = fit.approach2_isoflop(
+            points.params, points.flops, points.loss, resamples=resamples, seed=SEED
+        )
+        paths = {
+            "isoflops": plots.isoflops(points, law_fit.law, approach2, out / "isoflops.png"),
+            "allocation": plots.allocation(
+                law_fit.law, None, approach2, points.flops, out / "allocation.png"
+            ),
+        }
+    paths["loss_vs_flops"] = plots.loss_vs_flops(points, law_fit, out / "loss_vs_flops.png")
+    paths["residuals"] = plots.residuals(points, law_fit, out / "residuals.png")
+    summary = fit_io.report(points, law, law_fit, approach1, approach2, paths, SEED, resamples)
+    write_atomic(root / "fit.json", json.dumps(summary, indent=1) + "\n")
+    summary["text"] = fit_io.format_text(summary)
+    return summary
+
+
+def compute_law_band(points: fit_io.ScalingPoints, law_fit: fit.LawFit, path: pathlib.Path) -> str:
+    """The points, the fitted L(C) and its bootstrap 95% band (pointwise percentiles of the refitted curves)."""
+    figure, axes = plt.subplots(figsize=(7, 5))
+    flops = np.logspace(np.log10(points.flops.min()) - 0.3, np.log10(points.flops.max()) + 0.3, 200)
+    samples = law_fit.bootstrap_samples
+    law = law_fit.law
+    if samples:
+        curves = np.array(
+            [
+                fit.ComputeLaw(c, a, e).loss(flops)
+                for c, a, e in zip(samples["C_c"], samples["alpha"], samples["E"], strict=True)
+            ]
+        )
+        curves = curves[np.isfinite(curves).all(axis=1)]
+        low, high = np.percentile(curves, [2.5, 97.5], axis=0)
+        axes.fill_between(flops, low, high, color="tab:red", alpha=0.2, label="95% bootstrap band")
+    alpha_ci = law_fit.ci.get("alpha")
+    ci_text = f" (95% CI {alpha_ci[0]:.3f}–{alpha_ci[1]:.3f})" if alpha_ci else ""
+    axes.plot(
+        flops,
+        law.loss(flops),
+        color="tab:red",
+        label=f"L = (C/{law.C_c:.3g})^-{law.alpha:.3f}{ci_text} + {law.E:.3f}",
+    )
+    axes.scatter(points.flops, points.loss, color="tab:blue", zorder=3, label="runs (validation loss)")
+    axes.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="validation loss (nats/token)")
+    axes.set_title(f"Compute law, R² {law_fit.goodness.r2:.4f}")
+    axes.legend(fontsize=8)
+    return plots.save(figure, path)
+
+
+def mutransfer(sweep: Sweep, root: pathlib.Path, rows: list[dict]) -> dict:
+    """Loss vs learning rate per width, SP and μP side by side; the best LR per width per parametrization.
+
+    Rows need tags `parametrization`, `width` and `lr`; diverged points are drawn as crosses at the top.
+    """
+    diverged = [p for p in sweep.points if status(root, p) == "diverged"]
+    parametrizations = sorted(
+        {r["parametrization"] for r in rows} | {p.tags["parametrization"] for p in diverged}
+    )
+    figure, panels = plt.subplots(
+        1, len(parametrizations), figsize=(6 * len(parametrizations), 4.5), sharey=True
+    )
+    panels = np.atleast_1d(panels)
+    colours = plt.get_cmap("viridis")
+    widths = sorted({r["width"] for r in rows})
+    top = max(r["loss"] for r in rows)
+    best: dict[str, dict[str, float]] = {}
+    for axes, parametrization in zip(panels, parametrizations, strict=True):
+        for i, width in enumerate(widths):
+            colour = colours(i / max(1, len(widths) - 1))
+            mine = sorted(
+                (r["lr"], r["loss"])
+                for r in rows
+                if r["parametrization"] == parametrization and r["width"] == width
+            )
+            if not mine:
+                continue
+            lrs, losses = zip(*mine, strict=True)
+            axes.plot(lrs, losses, "o-", color=colour, label=f"width {width}")
+            k = int(np.argmin(losses))
+            axes.plot(lrs[k], losses[k], "*", markersize=14, color=colour, markeredgecolor="black")
+            best.setdefault(parametrization, {})[str(width)] = lrs[k]
+            lost = [
+                p.tags["lr"]
+                for p in diverged
+                if p.tags["parametrization"] == parametrization and p.tags["width"] == width
+            ]
+            if lost:
+                axes.plot(lost, [top] * len(lost), "x", color=colour, markersize=9)
+        axes.set(
+            xscale="log", xlabel="peak learning rate", title=f"{parametrization.upper()} (★ best, × diverged)"
+        )
+        axes.legend(fontsize=8)
+    panels[0].set_ylabel("validation loss (nats/token)")
+    figure.suptitle("μTransfer: loss vs learning rate across widths")
+    path = plots.save(figure, root / "mutransfer.png")
+    summary = {"best_lr": best, "diverged": [p.name for p in diverged], "plot": path}
+    write_atomic(root / "mutransfer.json", json.dumps(summary, indent=1) + "\n")
+    lines = [
+        f"best learning rate per width ({parametrization}): "
+        + ", ".join(f"{w}: {lr:.3g}" for w, lr in best.get(parametrization, {}).items())
+        for parametrization in parametrizations
+    ]
+    summary["text"] = "\n".join(lines + [f"plot: {path}"])
+    return summary

@@ -1,0 +1,139 @@
+"""Compute-optimal planning against independent numbers: the Cerebras-GPT family, Chinchilla's Table 3, scipy."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import optimize
+
+from chinchax import flops
+from chinchax.scaling import fit, plan
+from experiments import configs
+from tests.conftest import REPO
+
+# Hoffmann et al. 2022, Table 3 (C = 6ND): (FLOPs, parameters, tokens) at about 20 tokens per parameter.
+CHINCHILLA_TABLE3 = ((1.92e19, 400e6, 8.0e9), (1.21e20, 1e9, 20.2e9), (1.23e22, 10e9, 205.1e9))
+
+
+@pytest.mark.parametrize("size", ["111M", "256M", "590M", "1.3B", "2.7B"])
+def test_budget_of_a_cerebras_model_plans_its_size(cerebras_reference, size):
+    """At the 6ND budget of a published model (the paper's own steps × batch × 2048 tokens), the planner picks
+    a shape of the same size at the Cerebras aspect ratio."""
+    row = next(r for r in cerebras_reference["sp"] if r["name"] == size)
+    tokens = row["steps"] * row["batch"] * 2048
+    budget = 6.0 * row["params"] * tokens
+    base = configs.get("chinchilla_111m")
+    point = plan.compute_optimal(base, "chinchilla_111m", budget, count="6n")
+    planned = plan.describe(base, point)
+    assert planned["params"] == pytest.approx(row["params"], rel=0.03)
+    assert 6.0 * planned["params"] * planned["tokens"] == pytest.approx(budget, rel=0.01)
+    aspect = planned["d_model"] / planned["n_layers"]
+    assert 1 / plan.ASPECT_TOLERANCE <= aspect / plan.CEREBRAS_ASPECT_RATIO <= plan.ASPECT_TOLERANCE
+    assert planned["d_model"] % 64 == 0 and planned["d_model"] // planned["n_heads"] == 64
+
+
+def test_exact_cerebras_shape_is_recovered_from_its_detailed_budget(cerebras_reference):
+    row = next(r for r in cerebras_reference["sp"] if r["name"] == "1.3B")
+    base = configs.get("chinchilla_1.3b")
+    point = plan.compute_optimal(base, "chinchilla_1.3b", flops.plan(base).train_flops)
+    planned = plan.describe(base, point)
+    assert (planned["d_model"], planned["n_layers"], planned["params"]) == (
+        row["d_model"],
+        row["n_layers"],
+        row["params"],
+    )
+
+
+def test_aspect_ratio_constant_matches_the_family_table(cerebras_reference):
+    small = [r for r in cerebras_reference["sp"] if r["name"] in ("111M", "256M")]
+    measured = np.mean([r["d_model"] / r["n_layers"] for r in small])
+    assert plan.CEREBRAS_ASPECT_RATIO == pytest.approx(measured, rel=0.01)
+
+
+@pytest.mark.parametrize(("budget", "params", "tokens"), CHINCHILLA_TABLE3)
+def test_chinchilla_table3_allocation(budget, params, tokens):
+    base = configs.get("chinchilla_111m")
+    planned = plan.describe(base, plan.compute_optimal(base, "chinchilla_111m", budget, count="6n"))
+    assert planned["params"] == pytest.approx(params, rel=0.05)
+    assert planned["tokens"] == pytest.approx(tokens, rel=0.05)
+
+
+@pytest.mark.parametrize("budget", [3e18, 7e19, 2e21])
+def test_detailed_budget_is_spent_at_twenty_tokens_per_param(budget):
+    base = configs.get("chinchilla_111m")
+    planned = plan.describe(base, plan.compute_optimal(base, "chinchilla_111m", budget))
+    assert planned["train_flops"] == pytest.approx(budget, rel=0.01)
+    assert planned["tokens_per_param"] == pytest.approx(20.0, rel=0.1)
+
+
+def test_fitted_allocation_is_followed():
+    """With a fitted Chinchilla law, the planned N is the law's N_opt(C) found independently by scipy."""
+    law = fit.ChinchillaLaw(A=482.01, B=2085.43, E=1.8172, alpha=0.3478, beta=0.3658)
+    budget = 5.7e20
+    res = optimize.minimize_scalar(
+        lambda log_n: law.loss(np.exp(log_n), budget / (6 * np.exp(log_n))), (18, 24)
+    )
+    n_opt = math.exp(res.x)
+    base = configs.get("chinchilla_111m")
+    point = plan.compute_optimal(base, "chinchilla_111m", budget, law.optimal_params(), count="6n")
+    planned = plan.describe(base, point)
+    assert planned["params"] == pytest.approx(n_opt, rel=0.03)
+    assert 6.0 * planned["params"] * planned["tokens"] == pytest.approx(budget, rel=0.01)
+
+
+def test_isoflop_grid_shares_the_budget():
+    base = configs.get("chinchilla_111m")
+    budget = 4e19
+    grid = plan.isoflop_grid(base, "chinchilla_111m", budget, sizes=5, spread=4.0)
+    rows = [plan.describe(base, p) for p in grid]
+    params = [r["params"] for r in rows]
+    assert len(set(params)) == 5 and params == sorted(params)
+    assert all(r["train_flops"] == pytest.approx(budget, rel=0.01) for r in rows)
+    assert params[-1] / params[0] == pytest.approx(16.0, rel=0.25)  # N_opt/4 … 4·N_opt
+    optimum = plan.describe(base, plan.compute_optimal(base, "chinchilla_111m", budget))["params"]
+    assert optimum in params
+
+
+def test_cpu_ladder_spans_the_decades_it_promises():
+    from experiments.configs import sweeps
+
+    ladder = sweeps.cpu_ladder()
+    rows = [plan.describe(configs.get(p.base), p) for p in ladder.points]
+    budgets = [r["train_flops"] for r in rows]
+    assert len(rows) >= 5 and math.log10(max(budgets) / min(budgets)) >= 1.5
+    for row in rows:
+        assert row["train_flops"] == pytest.approx(row["budget"], rel=0.02)
+        assert row["tokens_per_param"] == pytest.approx(20.0, rel=0.05)
+
+
+def test_bad_requests_fail_in_one_line():
+    base = configs.get("cpu_tiny")
+    with pytest.raises(plan.PlanError, match="budget must be finite and > 0"):
+        plan.compute_optimal(base, "cpu_tiny", -1.0)
+    with pytest.raises(plan.PlanError, match="unknown config key"):
+        plan.compute_optimal(base, "cpu_tiny", 1e11, extra=[("model.widht", 3)])
+    with pytest.raises(plan.PlanError, match="plan the same shape"):
+        plan.ladder(base, "cpu_tiny", [1e11, 1.01e11], d_head=16)
+    with pytest.raises(plan.PlanError, match="FLOP count"):
+        plan.compute_optimal(base, "cpu_tiny", 1e11, count="7n")
+
+
+def test_planned_point_round_trips_through_the_dry_run():
+    """The point's experiments.run arguments (formatted overrides) give the planned numbers."""
+    base = configs.get("cpu_tiny")
+    point = plan.compute_optimal(base, "cpu_tiny", 7.3e11, d_head=16, extra=[("train.peak_lr", 1.7e-3)])
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.run", *point.run_args(), "--dry_run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    planned = plan.describe(base, point)
+    for key in ("params", "tokens", "train_flops", "flops_per_token"):
+        assert report[key] == planned[key]
+    assert report["train_flops"] == pytest.approx(7.3e11, rel=0.02)
