@@ -177,7 +177,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be >= 1")
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
         need(t[key] >= 1, f"train.{key}={t[key]} must be >= 1")
-    need(isinstance(cfg.mesh.preset, str) and cfg.mesh.preset, f"mesh.preset={cfg.mesh.preset!r} must name a preset")
+    need(
+        isinstance(cfg.mesh.preset, str) and cfg.mesh.preset,
+        f"mesh.preset={cfg.mesh.preset!r} must name a preset",
+    )
     for key in ("data", "fsdp", "tensor"):
         need(
             isinstance(cfg.mesh[key], int) and cfg.mesh[key] >= 0,
