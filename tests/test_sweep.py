@@ -177,7 +177,6 @@ def test_cli_unknown_sweep_is_one_line(tmp_path):
     )
 
 
-@pytest.mark.slow
 def test_smoke_sweep_trains_then_resumes_by_skipping(tmp_path):
     """Two real points through the CLI; the rerun skips both in seconds; results.csv equals the summaries."""
     cli = [sys.executable, "-m", "experiments.sweep", "--sweep=smoke", f"--root={tmp_path}"]
