@@ -42,20 +42,10 @@ def read_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
         raise CheckpointError(f"{path} does not exist: {workdir} is not a chinchax run directory")
     cfg = config_lib.base_config()
     cfg.unlock()
-    cfg.update_from_flattened_dict(_flatten(json.loads(path.read_text())))
+    cfg.update_from_flattened_dict(config_lib.flatten(json.loads(path.read_text())))
     cfg.train.batch_ramp = tuple(tuple(x) for x in cfg.train.batch_ramp)
     cfg.lock()
     return config_lib.validate(cfg)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def manager(workdir: pathlib.Path, keep: int = 3) -> ocp.CheckpointManager:

@@ -112,19 +112,20 @@ def d_head(model: ml_collections.ConfigDict) -> int:
     return model.d_model // model.n_heads
 
 
-def _flat_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
-    for k, v in cfg.items():
-        if isinstance(v, ml_collections.ConfigDict):
-            keys += _flat_keys(v, f"{prefix}{k}.")
+def flatten(tree, prefix: str = "", sep: str = ".") -> dict:
+    """A nested mapping as {"a.b.c": leaf} (keys joined with `sep`)."""
+    flat = {}
+    for key, value in tree.items():
+        if hasattr(value, "items"):
+            flat.update(flatten(value, f"{prefix}{key}{sep}", sep))
         else:
-            keys.append(f"{prefix}{k}")
-    return keys
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Raise ConfigError (one line, naming the field) for anything that cannot run; return cfg."""
-    unknown = sorted(set(_flat_keys(cfg)) - set(SCHEMA))
+    unknown = sorted(set(flatten(cfg)) - set(SCHEMA))
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
     m, d, t = cfg.model, cfg.data, cfg.train

@@ -128,7 +128,7 @@ def _refuse_mup(model: ml_collections.ConfigDict) -> None:
 def params_to_hf(params: Mapping, model: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """A GPT2LMHeadModel state dict ('transformer.*' names, fp32, no separate lm_head) from our params."""
     _refuse_mup(model)
-    p = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
+    p = {k: np.asarray(v, np.float32) for k, v in config_lib.flatten(params, sep="/").items()}
     layers, d = model.n_layers, model.d_model
     per_layer = {
         "ln_1.weight": p["blocks/ln_1/scale"],
@@ -154,16 +154,6 @@ def params_to_hf(params: Mapping, model: ml_collections.ConfigDict) -> dict[str,
         for i in range(layers):
             state[f"h.{i}.{name}"] = stacked[i]
     return {f"transformer.{k}": np.ascontiguousarray(v) for k, v in state.items()}
-
-
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}/"))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def config_to_hf(cfg: ml_collections.ConfigDict) -> dict:

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from chinchax import checkpoint, data, dry_run, flops, mesh, model, optim, parametrization
-from chinchax.config import batch_size_at, microbatch_size, tokens_before
+from chinchax.config import batch_size_at, flatten, microbatch_size, tokens_before
 from chinchax.metrics import RunLog, atomic_write_json
 from chinchax.train_state import TrainState, init_state, optimizer, total_tokens
 
@@ -155,16 +155,9 @@ def _same_run(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> None:
         return
     saved = checkpoint.read_config(workdir)
     if saved.to_json() != cfg.to_json():
-        ours, theirs = _flat(cfg.to_dict()), _flat(saved.to_dict())
+        ours, theirs = flatten(cfg), flatten(saved)
         diff = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
         raise TrainingError(f"{workdir} holds a run with a different config (differs in {', '.join(diff)})")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
 
 
 def train(
