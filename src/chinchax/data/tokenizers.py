@@ -4,6 +4,7 @@
 ordinary text; documents are separated by `eos_id`, which only the data path inserts.
 """
 
+import abc
 import importlib.util
 import pathlib
 from collections.abc import Sequence
@@ -36,7 +37,7 @@ def gpt2_files() -> dict[str, pathlib.Path]:
     return files
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Text <-> token ids. Subclasses set `name`, `vocab_size`, `eos_id`."""
 
     name: str
@@ -47,13 +48,13 @@ class Tokenizer:
         """Ids of `text` (special-token text is encoded as ordinary text)."""
         return self.encode_batch([text])[0].tolist()
 
+    @abc.abstractmethod
     def encode_batch(self, texts: Sequence[str], num_threads: int = 2) -> list[np.ndarray]:
         """Ids of each text as a 1-D uint32 array, encoded on `num_threads` threads."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; EOS renders as "<|endoftext|>", invalid UTF-8 as U+FFFD."""
-        raise NotImplementedError
 
     @property
     def storage_dtype(self) -> np.dtype:
