@@ -25,17 +25,13 @@ import numpy as np
 from chinchax_kernels import BlockSizes, flash_attention, reference, softmax_cross_entropy
 from tqdm import tqdm
 
-# Dense bf16 peak per device, FLOP/s, matched as a substring of jax's device_kind (first match wins).
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
-    ("A100", 312e12),
-)
+from chinchax import hardware
 
 
 def peak_flops(device_kind: str) -> float | None:
-    return next((peak for name, peak in PEAK_BF16_FLOPS if name in device_kind), None)
+    """Dense bf16 peak of the device from chinchax's device table (None when the table does not know it)."""
+    device = hardware.by_kind(device_kind)
+    return device.peak_flops if device else None
 
 
 def attention_flops(batch, seq, heads, head_dim, causal=True) -> float:

@@ -25,6 +25,8 @@ def resolve_config_argv(argv: list[str]) -> list[str]:
             key = arg[len("--config.") :].split("=", 1)[0]
             if key not in config_lib.SCHEMA:
                 raise config_lib.ConfigError(f"unknown config key {key!r} in {arg!r}")
+            if key == "train.microbatches" and arg.endswith("=auto"):
+                arg = f"--config.train.microbatches={config_lib.AUTO}"
         resolved.append(arg)
     return resolved
 
@@ -52,11 +54,9 @@ def main(argv):
         cfg.mesh.preset = _MESH.value
     cfg = config_lib.validate(cfg)
     if _DRY_RUN.value:
-        report = dry_run.report(cfg)
+        report, resolved = dry_run.report(cfg)
         if _MESH.value:  # lower and compile the real step against a virtual mesh of the preset's size
-            report["aot"] = aot.compile_plan(cfg)
-            report["mesh"] = {"preset": cfg.mesh.preset, "shape": report["aot"]["shape"]}
-            report["per_device_memory_bytes"] = report["aot"]["memory_per_device_bytes"]["total"]
+            report = dry_run.add_xla(report, aot.compile_plan(resolved))
         print(dry_run.format_plan(report))
         print(json.dumps(report))
         return

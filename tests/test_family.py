@@ -28,7 +28,7 @@ def test_every_sp_point_matches_the_table(cerebras_reference):
     common = cerebras_reference["common"]
     for name, ref in sp_points(cerebras_reference):
         cfg = config.validate(configs.get(name))
-        plan = dry_run.report(cfg, devices=1)
+        plan = dry_run.report(cfg, devices=1)[0]
         expected = formula(
             cerebras_reference,
             common["vocab_size"],
@@ -66,7 +66,7 @@ def test_every_mup_point_matches_the_table(cerebras_reference):
     for ref in mup["models"]:
         cfg = config.validate(configs.get(f"mup_{ref['name'].lower()}"))
         twin = sp[ref["name"]]
-        assert dry_run.report(cfg, devices=1)["params"] == twin["params"]
+        assert dry_run.report(cfg, devices=1)[0]["params"] == twin["params"]
         assert config.width_multiplier(cfg.model) == ref["m"]
         assert cfg.model.mup_base_width == mup["base_width"]
         assert cfg.model.init_std == mup["sigma_base"] and cfg.train.peak_lr == mup["eta_base"]
@@ -80,7 +80,7 @@ def test_every_mup_point_matches_the_table(cerebras_reference):
 def test_proxy_40m_matches_the_table(cerebras_reference):
     ref = cerebras_reference["proxy_40m"]
     cfg = config.validate(configs.get("mup_40m"))
-    plan = dry_run.report(cfg, devices=1)
+    plan = dry_run.report(cfg, devices=1)[0]
     assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, config.d_ffn(cfg.model)) == (
         ref["d_model"],
         ref["n_layers"],

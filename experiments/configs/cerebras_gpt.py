@@ -4,7 +4,7 @@
 sequence length 2048 for ≈ 20 tokens per parameter; the schedule is in tokens (warmup = steps × batch × 2048).
 """
 
-from chinchax.config import base_config
+from chinchax.config import AUTO, base_config
 
 SEQ = 2048
 
@@ -26,6 +26,21 @@ MUP_SIZES = ("111m", "256m", "590m", "1.3b", "2.7b")
 MUP_PEAK_LR = 6e-3  # η_base
 MUP_INIT_STD = 0.08  # σ_base
 
+# How the published points run on their pods: bf16 matmuls (fp32 params, softmax and loss), remat and
+# microbatches chosen per mesh to fit the device (chinchax.memory_plan).
+POD_RUN = {"compute_dtype": "bfloat16", "remat": "auto"}
+
+# The pods each published point is planned on (experiments.plan --pods): one 8×H100 node, Andromeda-like
+# 16 CS-2 systems, and a TPU slice sized to the model (v5e's 16 GiB chips up to 2.7B, then more or larger chips).
+TPU_PRESET = {"6.7b": "tpu-v5e-32", "13b": "tpu-v5p-8"}  # the others: tpu-v5e-16
+
+
+def pods(name: str) -> tuple[str, ...]:
+    """The mesh presets a published point is planned to fit."""
+    size = name.partition("_")[2]
+    return ("gpu-8", TPU_PRESET.get(size, "tpu-v5e-16"), "wse-16")
+
+
 POINTS = [f"chinchilla_{s}" for s in FAMILY] + [f"mup_{s}" for s in MUP_SIZES] + ["mup_40m"]
 
 
@@ -33,11 +48,11 @@ def _family_point(name: str, size: str, parametrization: str):
     layers, d, heads, batch, steps, lr, warmup, decay, out_std, eps = FAMILY[size]
     cfg = base_config()
     cfg.name = name
-    cfg.model.update(n_layers=layers, d_model=d, n_heads=heads, parametrization=parametrization)
+    cfg.model.update(n_layers=layers, d_model=d, n_heads=heads, parametrization=parametrization, **POD_RUN)
     cfg.train.update(batch_size=batch, warmup_tokens=warmup * batch * SEQ, decay=decay, adam_eps=eps)
+    cfg.train.microbatches = AUTO
     if size == "13b":
-        # microbatches of 360 sequences: 2 per step at 720, 3 at 1080
-        cfg.train.update(tokens=TOKENS_13B, batch_ramp=RAMP_13B, microbatches=2)
+        cfg.train.update(tokens=TOKENS_13B, batch_ramp=RAMP_13B)
     else:
         cfg.train.tokens = steps * batch * SEQ
     if parametrization == "sp":
@@ -59,8 +74,10 @@ def _proxy_40m():
         d_ffn=1024,
         parametrization="mup",
         init_std=MUP_INIT_STD,
+        **POD_RUN,
     )
     cfg.train.update(
+        microbatches=AUTO,
         batch_size=256,
         tokens=1525 * 256 * SEQ,
         warmup_tokens=152 * 256 * SEQ,

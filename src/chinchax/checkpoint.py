@@ -20,7 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from chinchax import config as config_lib
-from chinchax import train_state
+from chinchax import distributed, train_state
 
 
 class CheckpointError(RuntimeError):
@@ -28,7 +28,9 @@ class CheckpointError(RuntimeError):
 
 
 def write_config(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> None:
-    """workdir/config.json, written atomically."""
+    """workdir/config.json, written atomically by the writing process (`distributed.is_writer`)."""
+    if not distributed.is_writer():
+        return
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = workdir / "config.json.tmp"
     tmp.write_text(cfg.to_json(indent=2))

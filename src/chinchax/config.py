@@ -29,7 +29,7 @@ SCHEMA: dict[str, tuple[object, str]] = {
     "model.mup_output_alpha": (1.0, "μP: logits are multiplied by mup_output_alpha / m."),
     "model.layer_norm_eps": (1e-5, "LayerNorm epsilon."),
     "model.compute_dtype": ("float32", "Matmul dtype, 'float32' or 'bfloat16'; params, softmax, loss fp32."),
-    "model.remat": (False, "Recompute each block's activations in the backward pass (saves memory)."),
+    "model.remat": ("none", "Backward-pass recomputation: 'none', 'dots' (keep weight-matmul outputs), 'full', 'auto'."),
     "model.attention": ("xla", "Attention implementation: 'xla' (einsum), 'cudnn' or 'pallas' (flash)."),
     "model.loss": ("dense", "Loss head: 'dense' (whole logits) or 'chunked' (fused, never all logits)."),
     # Data.
@@ -50,7 +50,7 @@ SCHEMA: dict[str, tuple[object, str]] = {
     "train.adam_eps": (1e-8, "AdamW ε."),
     "train.weight_decay": (0.1, "Decoupled weight decay (not applied to biases and LayerNorm)."),
     "train.grad_clip_norm": (1.0, "Global gradient-norm clip; 0 disables."),
-    "train.microbatches": (1, "Gradient-accumulation microbatches per step; must divide batch sizes."),
+    "train.microbatches": (1, "Gradient-accumulation microbatches per step (divides batch sizes); AUTO (0, 'auto'): fewest that fit."),
     "train.seed": (0, "Seed for initialisation and data order."),
     # The training loop.
     "train.log_every": (10, "Steps between metrics.jsonl / TensorBoard records and progress-bar updates."),
@@ -73,6 +73,8 @@ TOKENIZERS = {"gpt2": 50257, "bytes": 257}
 DECAYS = ("linear", "cosine")
 ATTENTIONS = ("xla", "cudnn", "pallas")
 LOSSES = ("dense", "chunked")
+REMATS = ("none", "dots", "full")  # lightest first: what 'auto' tries in this order
+AUTO = 0  # train.microbatches = 0 (on the command line also 'auto'): the fewest that fit the device
 
 
 class ConfigError(ValueError):
@@ -151,6 +153,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     need(m.attention in ATTENTIONS, f"model.attention={m.attention!r} is not one of {ATTENTIONS}")
     need(m.loss in LOSSES, f"model.loss={m.loss!r} is not one of {LOSSES}")
+    need(m.remat in (*REMATS, "auto"), f"model.remat={m.remat!r} is not one of {(*REMATS, 'auto')}")
     need(m.init_std > 0, f"model.init_std={m.init_std} must be > 0")
     need(m.out_proj_init_std >= 0, f"model.out_proj_init_std={m.out_proj_init_std} must be >= 0")
     need(m.mup_base_width > 0, f"model.mup_base_width={m.mup_base_width} must be > 0")
@@ -175,7 +178,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         t.tokens > 0 or t.tokens_per_param > 0,
         "one of train.tokens or train.tokens_per_param must be > 0",
     )
-    need(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be >= 1")
+    need(
+        isinstance(t.microbatches, int) and t.microbatches >= AUTO,
+        f"train.microbatches={t.microbatches!r} must be an int >= 1, or 0 / 'auto'",
+    )
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
         need(t[key] >= 1, f"train.{key}={t[key]} must be >= 1")
     need(
@@ -189,11 +195,13 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         )
     last_start = 0
     for start, size in batch_schedule(t):
-        need(
-            size > 0 and size % t.microbatches == 0 and size % microbatch_size(t) == 0,
-            f"train batch size {size} is not a positive multiple of train.microbatches={t.microbatches} "
-            f"and of the microbatch size {microbatch_size(t)}",
-        )
+        need(size > 0, f"train batch size {size} must be > 0")
+        if t.microbatches != AUTO:  # 'auto' counts are chosen to divide (memory_plan.microbatch_counts)
+            need(
+                size % t.microbatches == 0 and size % microbatch_size(t) == 0,
+                f"train batch size {size} is not a positive multiple of train.microbatches={t.microbatches} "
+                f"and of the microbatch size {microbatch_size(t)}",
+            )
         need(start >= last_start, f"train.batch_ramp starts must increase, got {start}")
         last_start = start
     return cfg
@@ -201,6 +209,8 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def microbatch_size(train: ml_collections.ConfigDict) -> int:
     """Sequences per microbatch: the first batch size over train.microbatches (fixed through a ramp)."""
+    if train.microbatches == AUTO:
+        raise ConfigError("train.microbatches='auto' must be resolved on a mesh first (memory_plan.choose)")
     return max(train.batch_size // train.microbatches, 1)
 
 

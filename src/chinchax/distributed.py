@@ -5,7 +5,8 @@ explicit arguments (run.py's --coordinator_address / --num_processes / --process
 environment variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, then a SLURM job with
 more than one task (JAX reads SLURM_* itself), else a single process and nothing to do. Once initialised,
 every process sees the global devices; `mesh.make_mesh` spans them and `mesh.global_batch` assembles each
-step's batch from every process's rows (`mesh.process_batch_rows`).
+step's batch from every process's rows (`mesh.process_batch_rows`). Every process computes the whole run;
+only the writer (`is_writer`: process 0) writes its files.
 """
 
 from __future__ import annotations
@@ -76,3 +77,11 @@ def initialize(
     elif launch.mode == "slurm":
         jax.distributed.initialize()
     return launch
+
+
+def is_writer() -> bool:
+    """Whether this process writes the run's files (config.json, metrics, summary.json): process 0 only.
+
+    The other processes compute the same run and join orbax's collective checkpoint saves and restores.
+    """
+    return jax.process_index() == 0

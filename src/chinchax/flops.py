@@ -12,6 +12,7 @@ import dataclasses
 
 import ml_collections
 
+from chinchax import hardware
 from chinchax.config import d_ffn, steps_for, train_tokens
 
 
@@ -80,18 +81,6 @@ def plan(cfg: ml_collections.ConfigDict) -> Plan:
     )
 
 
-# Dense peak FLOP/s per device by jax `device_kind` substring (bf16 on accelerators; vendor figures).
-PEAK_FLOPS_BY_KIND = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v4": 275e12,
-}
-
-
 def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
     """FLOP/s of the best of `repeats` jitted fp32 size×size matmuls on the default device."""
     import time
@@ -111,13 +100,13 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
 
 
 def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
-    """(FLOP/s, where it came from): configured, else the device table, else measured (CPU)."""
+    """(FLOP/s, where it came from): configured, else the device table (chinchax.hardware), else measured."""
     import jax
 
     if configured > 0:
         return configured, "configured"
     kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_FLOPS_BY_KIND.items():
-        if name.lower() in kind.lower():
-            return peak, f"table ({kind})"
+    device = hardware.by_kind(kind)
+    if device is not None and device.peak_flops:
+        return device.peak_flops, f"table ({device.source})"
     return measure_matmul_peak(), f"measured fp32 matmul ({kind})"

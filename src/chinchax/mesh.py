@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from chinchax import model
+from chinchax import hardware, model
 from chinchax.config import ConfigError, microbatch_size
 
 AXES = ("data", "fsdp", "tensor")
@@ -47,20 +47,32 @@ REST = -1  # in a preset shape: this axis takes the devices the other axes leave
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """A cluster as data: how many devices, the (data, fsdp, tensor) shape, logical axes kept unsharded."""
+    """A cluster as data: its device model, how many devices, the (data, fsdp, tensor) shape, logical axes
+    kept unsharded. A name with N (e.g. 'wse-N') is a family: 'wse-16' sets N = 16."""
 
     description: str
-    devices: int | None  # None: all visible devices (or N from a 'wse-N' name)
+    device: hardware.Device
+    devices: int | None  # None: all visible devices (a family: N × devices_per_n)
     shape: tuple[int, int, int]  # one entry may be REST
     replicated: tuple[str, ...] = ()  # LOGICAL_RULES rows this preset leaves out
+    devices_per_n: int = 1  # a family's devices for each unit of N
 
 
+D = hardware.DEVICES
 # fmt: off
 PRESETS: dict[str, Preset] = {
-    "cpu":        Preset("local devices, data parallel", None, (REST, 1, 1)),
-    "wse-N":      Preset("N Cerebras CS-2 systems, weight streaming = FSDP over N", None, (1, REST, 1)),
-    "gpu-8":      Preset("one 8-GPU node (8×H100): FSDP 4 × tensor 2", 8, (1, 4, 2), ("vocab",)),
-    "tpu-v5e-16": Preset("a TPU v5e 4×4 slice: FSDP 8 × tensor 2", 16, (1, 8, 2), ("vocab",)),
+    "cpu":        Preset("local devices, data parallel", D["cpu"], None, (REST, 1, 1)),
+    "wse-N":      Preset("N Cerebras CS-2 systems (Andromeda: 16), weight streaming = FSDP over N",
+                         D["cs2"], None, (1, REST, 1)),
+    "gpu-8":      Preset("one 8×H100 node: FSDP 4 × tensor 2 over NVLink", D["h100"], 8, (1, 4, 2), ("vocab",)),
+    "gpu-8xN":    Preset("N 8×H100 nodes: data parallel across nodes, FSDP 4 × tensor 2 within each",
+                         D["h100"], None, (REST, 4, 2), ("vocab",), devices_per_n=8),
+    "tpu-v5e-N":  Preset("a TPU v5e slice of N chips: FSDP N/2 × tensor 2", D["tpu-v5e"], None, (1, REST, 2),
+                         ("vocab",)),
+    "tpu-v5p-N":  Preset("a TPU v5p slice of N chips (GCP type v5p-2N): FSDP over N", D["tpu-v5p"], None,
+                         (1, REST, 1)),
+    "tpu-v4-N":   Preset("a TPU v4 slice of N chips (GCP type v4-2N): FSDP over N", D["tpu-v4"], None,
+                         (1, REST, 1)),
 }
 # fmt: on
 # The GPT-2 vocabulary (50257) and the byte vocabulary (257) are odd: with tensor parallelism the tied
@@ -68,12 +80,13 @@ PRESETS: dict[str, Preset] = {
 
 
 def preset(name: str) -> Preset:
-    """The preset of a name; 'wse-16' instantiates 'wse-N' with N = 16."""
-    if name in PRESETS and name != "wse-N":
+    """The preset of a name; a family instantiates with its N: 'wse-16', 'gpu-8x4', 'tpu-v5p-64'."""
+    if name in PRESETS and not name.endswith("N"):
         return PRESETS[name]
-    if match := re.fullmatch(r"wse-([1-9][0-9]*)", name):
-        return dataclasses.replace(PRESETS["wse-N"], devices=int(match.group(1)))
-    raise ConfigError(f"unknown mesh preset {name!r}; known: cpu, wse-N (e.g. wse-16), gpu-8, tpu-v5e-16")
+    for family, template in PRESETS.items():
+        if family.endswith("N") and (match := re.fullmatch(re.escape(family[:-1]) + r"([1-9][0-9]*)", name)):
+            return dataclasses.replace(template, devices=int(match.group(1)) * template.devices_per_n)
+    raise ConfigError(f"unknown mesh preset {name!r}; known: {', '.join(PRESETS)} (N: a count, e.g. wse-16)")
 
 
 def _mesh_config(spec: ml_collections.ConfigDict | str) -> tuple[str, dict[str, int]]:
@@ -153,6 +166,11 @@ def param_specs(cfg: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh) -> di
     )
 
 
+def leaves(tree) -> list:
+    """The leaves of a tree that may hold PartitionSpecs (themselves tuples), in tree order."""
+    return jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
 def _describe(spec: ml_collections.ConfigDict | str, mesh: Mesh | AbstractMesh) -> str:
     shape = " × ".join(f"{a} {s}" for a, s in mesh.shape.items())
     return f"{_mesh_config(spec)[0]} ({shape})"
@@ -193,9 +211,17 @@ def state_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh, state_shapes):
     return jax.tree_util.tree_map_with_path(choose, state_shapes)
 
 
+def _carried_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh, state_shapes):
+    """The shardings `sharded_shapes` put on these shapes, else `state_shardings` by the rules."""
+    carried = [getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(state_shapes)]
+    if all(isinstance(s, NamedSharding) and s.mesh == mesh for s in carried):
+        return jax.tree.map(lambda leaf: leaf.sharding, state_shapes)
+    return state_shardings(cfg, mesh, state_shapes)
+
+
 def sharded_shapes(cfg: ml_collections.ConfigDict, mesh: Mesh, state_shapes):
     """ShapeDtypeStructs carrying `state_shardings`: an AOT input, or an orbax restore target."""
-    shardings = state_shardings(cfg, mesh, state_shapes)
+    shardings = _carried_shardings(cfg, mesh, state_shapes)
     return jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shapes, shardings
     )
@@ -269,7 +295,7 @@ def jit_train_step(
     """
     if check_microbatch:
         check_batch(cfg, mesh)
-    state = state_shardings(cfg, mesh, state_shapes)
+    state = _carried_shardings(cfg, mesh, state_shapes)
     jitted = jax.jit(
         step_fn,
         in_shardings=(state, batch_sharding(mesh)),
@@ -279,11 +305,14 @@ def jit_train_step(
     return ShardedStep(jitted, mesh, rules(cfg.mesh))
 
 
-def init_sharded_state(cfg: ml_collections.ConfigDict, mesh: Mesh, init_fn: Callable, rng: jax.Array):
+def init_sharded_state(
+    cfg: ml_collections.ConfigDict, mesh: Mesh, init_fn: Callable, rng: jax.Array, target=None
+):
     """init_fn(cfg, rng) run under jit straight into its shardings (no full copy on one device).
 
-    Runs without the logical rules: flax's DenseGeneral constrains its kernel before reshaping it at init.
+    target: the state's `sharded_shapes` when the caller has them. Runs without the logical rules: flax's
+    DenseGeneral constrains its kernel before reshaping it at init.
     """
-    shapes = jax.eval_shape(lambda: init_fn(cfg, rng))
-    out = state_shardings(cfg, mesh, shapes)
+    shapes = target if target is not None else jax.eval_shape(lambda: init_fn(cfg, rng))
+    out = _carried_shardings(cfg, mesh, shapes)
     return jax.jit(lambda key: init_fn(cfg, key), out_shardings=out)(rng)

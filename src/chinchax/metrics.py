@@ -1,4 +1,7 @@
-"""What a run shows and records: metrics.jsonl, TensorBoard events, a progress bar, summary.json."""
+"""What a run shows and records: metrics.jsonl, TensorBoard events, a progress bar, summary.json.
+
+Only the writing process (`distributed.is_writer`, process 0) shows or records anything.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ import sys
 
 import tensorboardX
 import tqdm
+
+from chinchax import distributed
 
 
 def atomic_write_json(path: pathlib.Path, obj: dict) -> None:
@@ -21,17 +26,25 @@ class RunLog:
     """Appends one JSON object per log step to metrics.jsonl, mirrors it to TensorBoard and the bar.
 
     On resume, records past the restored step (written after the checkpoint the run resumes from) are
-    dropped first, so metrics.jsonl reads as one uninterrupted run.
+    dropped first, so metrics.jsonl reads as one uninterrupted run. In the other processes of a multi-process
+    run every method does nothing.
     """
 
     def __init__(self, workdir: pathlib.Path, total_steps: int, start_step: int, show_progress: bool = True):
+        self.workdir = workdir
         self.path = workdir / "metrics.jsonl"
-        self._keep_records_up_to(start_step)
-        self.file = self.path.open("a")
-        self.tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+        self.writer = distributed.is_writer()
         self.bar = tqdm.tqdm(
-            total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, disable=not show_progress
+            total=total_steps,
+            initial=start_step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (show_progress and self.writer),
         )
+        if self.writer:
+            self._keep_records_up_to(start_step)
+            self.file = self.path.open("a")
+            self.tensorboard = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
 
     def _keep_records_up_to(self, step: int) -> None:
         if not self.path.exists():
@@ -47,6 +60,8 @@ class RunLog:
 
     def record(self, record: dict) -> None:
         """One log step: {'step', 'tokens', 'loss', ...} to the file, TensorBoard and the bar's postfix."""
+        if not self.writer:
+            return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         for key, value in record.items():
@@ -63,9 +78,16 @@ class RunLog:
 
     def note(self, text: str) -> None:
         """A line printed above the bar (evaluations, checkpoints, warnings)."""
-        self.bar.write(text, file=sys.stderr)
+        if self.writer:
+            self.bar.write(text, file=sys.stderr)
+
+    def write_summary(self, summary: dict) -> None:
+        """workdir/summary.json, written atomically: the run is finished."""
+        if self.writer:
+            atomic_write_json(self.workdir / "summary.json", summary)
 
     def close(self) -> None:
         self.bar.close()
-        self.file.close()
-        self.tensorboard.close()
+        if self.writer:
+            self.file.close()
+            self.tensorboard.close()

@@ -139,6 +139,10 @@ class Block(nn.Module):
         return attend_with_logits(logits, cached_v.value, query_offset=start)
 
 
+# What a remat'd block keeps for the backward pass: the outputs of its weight matmuls, or only its input.
+REMAT_POLICIES = {"dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable, "full": None}
+
+
 class GPT(nn.Module):
     """tokens (batch, seq) int32 → logits (batch, seq, vocab) fp32."""
 
@@ -158,7 +162,11 @@ class GPT(nn.Module):
             _init(cfg, "embedding", (None, "embed")),
             (cfg.max_positions, cfg.d_model),
         )
-        block = nn.remat(Block, prevent_cse=False) if cfg.remat else Block
+        block = (
+            Block
+            if cfg.remat == "none"
+            else nn.remat(Block, prevent_cse=False, policy=REMAT_POLICIES[cfg.remat])
+        )
         self.blocks = nn.scan(
             block,
             variable_axes={"params": 0, "intermediates": 0, "cache": 0},
@@ -216,10 +224,15 @@ def init_cache(model: ml_collections.ConfigDict, batch: int, length: int) -> dic
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
+def _for_init(model: ml_collections.ConfigDict) -> GPT:
+    """The module for creating parameters: they do not depend on remat (which may still be 'auto')."""
+    return build(ml_collections.ConfigDict({**model.to_dict(), "remat": "none"}))
+
+
 def init_params(model: ml_collections.ConfigDict, rng: jax.Array) -> dict:
     """Initialised fp32 parameters (plain arrays, logical-axis boxes removed)."""
     tokens = jnp.zeros((1, 1), dtype=jnp.int32)
-    return nn.unbox(build(model).init(rng, tokens)["params"])
+    return nn.unbox(_for_init(model).init(rng, tokens)["params"])
 
 
 def param_shapes(model: ml_collections.ConfigDict) -> dict:
@@ -230,5 +243,5 @@ def param_shapes(model: ml_collections.ConfigDict) -> dict:
 def logical_axes(model: ml_collections.ConfigDict) -> dict:
     """PartitionSpecs of logical axis names, one per parameter (for the sharding rules)."""
     tokens = jnp.zeros((1, 1), dtype=jnp.int32)
-    boxed = jax.eval_shape(lambda: build(model).init(jax.random.key(0), tokens)["params"])
+    boxed = jax.eval_shape(lambda: _for_init(model).init(jax.random.key(0), tokens)["params"])
     return nn.get_partition_spec(boxed)

@@ -6,6 +6,7 @@ metrics, evaluates, checkpoints, stops cleanly on SIGTERM/SIGINT and refuses NaN
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -22,9 +23,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from chinchax import checkpoint, data, dry_run, flops, mesh, model, optim, parametrization
+from chinchax import checkpoint, data, flops, memory_plan, mesh, model, optim, parametrization
 from chinchax.config import batch_size_at, flatten, microbatch_size, tokens_before
-from chinchax.metrics import RunLog, atomic_write_json
+from chinchax.metrics import RunLog
 from chinchax.train_state import TrainState, init_state, optimizer, total_tokens
 
 __all__ = ["TrainState", "init_state", "make_train_step", "train"]
@@ -56,15 +57,18 @@ def loss_fn(cfg: ml_collections.ConfigDict):
     return loss
 
 
-def make_train_step(cfg: ml_collections.ConfigDict):
+def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
     """step(state, batch) → (state, metrics); batch arrays are (microbatches, sequences, seq_len).
+
+    tokens: the run's training tokens (the schedule's span) when the caller has planned them already.
 
     Gradients are averaged over microbatches with a scan (one compiled body); the metrics are the mean
     loss, the global gradient norm before clipping, and the step's learning rate.
     """
     loss = loss_fn(cfg)
-    opt = optimizer(cfg, model.param_shapes(cfg.model))
-    lr = optim.learning_rate(cfg, total_tokens(cfg))
+    tokens = tokens or total_tokens(cfg)
+    opt = optimizer(cfg, model.param_shapes(cfg.model), tokens)
+    lr = optim.learning_rate(cfg, tokens)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def accumulate(carry, microbatch):
@@ -114,27 +118,15 @@ def evaluate(cfg, eval_step, devices, params, store: pathlib.Path, split: str) -
     return float(np.mean(losses))
 
 
-def available_device_bytes() -> int:
-    """Memory of one device: the accelerator's limit, or the host's available RAM on CPU."""
-    device = jax.local_devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"])
-    with open("/proc/meminfo") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return int(fields["MemAvailable"].split()[0]) * 1024 // max(1, jax.local_device_count())
-
-
-def check_fits(cfg: ml_collections.ConfigDict) -> None:
-    """Fail before allocating when the analytic per-device memory exceeds what a device has."""
-    needed = dry_run.report(cfg)["per_device_memory_bytes"]
-    have = available_device_bytes()
-    if needed > have:
-        raise TrainingError(
-            f"{cfg.name} needs about {needed / 2**30:.1f} GiB per device, this host has "
-            f"{have / 2**30:.1f} GiB: see `python -m experiments.run --config={cfg.name} --dry_run` and run it "
-            "on a pod (--mesh) or with model.remat / more train.microbatches"
-        )
+def fit_to_devices(cfg: ml_collections.ConfigDict, devices) -> tuple[ml_collections.ConfigDict, object]:
+    """cfg with 'auto' microbatches / remat resolved for this mesh and the memory plan's choice; ConfigError
+    in one line, before anything is allocated, when no choice fits the devices' memory."""
+    preset = mesh.preset(cfg.mesh.preset)
+    resolved, choice = memory_plan.choose(
+        cfg, dict(devices.shape), preset.device, memory_plan.run_budget(preset)
+    )
+    memory_plan.check(choice, cfg)
+    return resolved, choice
 
 
 class StopRequest:
@@ -166,14 +158,15 @@ def train(
     """Train (or resume) the run in `workdir`; return the summary, or None when stopped by a signal."""
     wall_start = time.perf_counter()
     workdir = pathlib.Path(workdir)
-    check_fits(cfg)
-    _same_run(workdir, cfg)
+    devices = mesh.make_mesh(cfg.mesh)
+    requested, (cfg, choice) = cfg, fit_to_devices(cfg, devices)
+    _same_run(workdir, requested)
     if (workdir / "summary.json").exists():  # a finished run: nothing to do
         print(f"{workdir} holds a finished run; its summary:", file=sys.stderr)
         return json.loads((workdir / "summary.json").read_text())
     store = data.resolve_store(cfg.data.dataset, cfg.data.tokenizer, progress=show_progress)
     plan = flops.plan(cfg)
-    checkpoint.write_config(workdir, cfg)
+    checkpoint.write_config(workdir, requested)
     micro = microbatch_size(cfg.train)
     loader = data.make_loader(
         store,
@@ -184,20 +177,19 @@ def train(
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
-    devices = mesh.make_mesh(cfg.mesh)
     rng = jax.random.key(cfg.train.seed)
-    abstract = jax.eval_shape(lambda: init_state(cfg, rng))
-    step_fn = mesh.jit_train_step(cfg, devices, make_train_step(cfg), abstract)
+    init = functools.partial(init_state, tokens=plan.tokens)
+    target = mesh.sharded_shapes(cfg, devices, jax.eval_shape(lambda: init(cfg, rng)))
+    step_fn = mesh.jit_train_step(cfg, devices, make_train_step(cfg, plan.tokens), target)
     mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
-    found = checkpoint.restore_latest(
-        mngr, mesh.sharded_shapes(cfg, devices, abstract), loader, set_aside=True
-    )
-    state = found[1] if found else mesh.init_sharded_state(cfg, devices, init_state, rng)
+    found = checkpoint.restore_latest(mngr, target, loader, set_aside=True)
+    state = found[1] if found else mesh.init_sharded_state(cfg, devices, init, rng, target)
     start = int(state.step)
     eval_step = make_eval_step(cfg, devices)
     peak, peak_source = flops.peak_flops_per_device(cfg.train.peak_flops_per_device)
     peak *= jax.device_count()
     log = RunLog(workdir, plan.steps, start, show_progress)
+    log.note(f"step: {choice.reason}")
     if found:
         log.note(f"resumed from step {start} in {workdir}")
     stop = StopRequest()
@@ -268,7 +260,6 @@ def train(
     eval_loss = evaluate(cfg, eval_step, devices, state.params, store, "validation")
     test_loss = evaluate(cfg, eval_step, devices, state.params, store, "test")
     log.note(f"final validation loss {eval_loss:.4f}, test loss {test_loss:.4f}")
-    log.close()
     rate = timed_tokens / timed_seconds if timed_seconds else float("nan")
     summary = {
         "name": cfg.name,
@@ -289,8 +280,11 @@ def train(
         "peak_flops": peak,
         "peak_flops_source": peak_source,
         "devices": jax.device_count(),
+        "microbatches": choice.microbatches,
+        "remat": choice.remat,
     }
-    atomic_write_json(workdir / "summary.json", summary)
+    log.write_summary(summary)
+    log.close()
     return summary
 
 

@@ -24,20 +24,20 @@ def total_tokens(cfg: ml_collections.ConfigDict) -> int:
     return flops.plan(cfg).tokens
 
 
-def optimizer(cfg: ml_collections.ConfigDict, params):
-    """The run's optax optimizer."""
-    return optim.make_optimizer(cfg, params, total_tokens(cfg))
+def optimizer(cfg: ml_collections.ConfigDict, params, tokens: int | None = None):
+    """The run's optax optimizer (tokens: the run's training tokens, when already planned)."""
+    return optim.make_optimizer(cfg, params, tokens or total_tokens(cfg))
 
 
-def new_state(cfg: ml_collections.ConfigDict, params) -> TrainState:
+def new_state(cfg: ml_collections.ConfigDict, params, tokens: int | None = None) -> TrainState:
     """Step 0 with these params and a fresh optimizer state."""
     return TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32),
         params=params,
-        opt_state=optimizer(cfg, params).init(params),
+        opt_state=optimizer(cfg, params, tokens).init(params),
     )
 
 
-def init_state(cfg: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
+def init_state(cfg: ml_collections.ConfigDict, rng: jax.Array, tokens: int | None = None) -> TrainState:
     """Step 0 with freshly initialised params."""
-    return new_state(cfg, model.init_params(cfg.model, rng))
+    return new_state(cfg, model.init_params(cfg.model, rng), tokens)

@@ -1,0 +1,66 @@
+"""The devices a run can be planned for: memory and dense peak FLOP/s per device, each with its source.
+
+One table, used by the mesh presets (what a preset's chips hold), the memory plan (what fits) and MFU (the
+peak). Memory is what the device offers a process (HBM, or on a Cerebras CS-2 the wafer's SRAM, where only
+activations live: weights and optimizer state stay in MemoryX and stream in). Peaks are dense bf16, the figure
+MFU is quoted against; a CPU's peak is measured on the machine at hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """One accelerator (or host) model."""
+
+    name: str
+    platform: str  # 'gpu', 'tpu', 'cs2' or 'cpu' (also the Ray resource family of a sweep point)
+    memory_bytes: int | None  # per device; None: read from the machine (CPU host RAM)
+    peak_flops: float | None  # dense bf16 FLOP/s; None: measured (CPU)
+    holds_state: bool  # False: params and optimizer state stream from elsewhere (Cerebras MemoryX)
+    kind_match: str  # substring of jax's `device_kind` that identifies it
+    source: str
+
+
+# fmt: off
+DEVICES: dict[str, Device] = {  # by_kind takes the first match: the more specific names come first
+    "h100-pcie": Device("NVIDIA H100 PCIe 80 GB", "gpu", 80 * GiB, 756e12, True, "H100 PCIe",
+                        "NVIDIA H100 Tensor Core GPU datasheet: 80 GB HBM2e, 756 TFLOP/s dense BF16 (PCIe)"),
+    "h100": Device("NVIDIA H100 SXM5 80 GB", "gpu", 80 * GiB, 989.4e12, True, "H100",
+                   "NVIDIA H100 Tensor Core GPU datasheet: 80 GB HBM3, 989.4 TFLOP/s dense BF16 (SXM5)"),
+    "h200": Device("NVIDIA H200 SXM 141 GB", "gpu", 141 * 10**9, 989.4e12, True, "H200",
+                   "NVIDIA H200 Tensor Core GPU datasheet: 141 GB HBM3e, 989 TFLOP/s dense BF16"),
+    "a100": Device("NVIDIA A100 SXM4 80 GB", "gpu", 80 * GiB, 312e12, True, "A100",
+                   "NVIDIA A100 Tensor Core GPU datasheet: 80 GB HBM2e, 312 TFLOP/s dense BF16"),
+    "tpu-v5e": Device("Google TPU v5e", "tpu", 16 * GiB, 197e12, True, "TPU v5 lite",
+                      "Google Cloud TPU v5e documentation: 16 GiB HBM2 per chip, 197 TFLOP/s BF16"),
+    "tpu-v5p": Device("Google TPU v5p", "tpu", 95 * GiB, 459e12, True, "TPU v5p",
+                      "Google Cloud TPU v5p documentation: 95 GiB HBM2e per chip, 459 TFLOP/s BF16"),
+    "tpu-v4": Device("Google TPU v4", "tpu", 32 * GiB, 275e12, True, "TPU v4",
+                     "Google Cloud TPU v4 documentation: 32 GiB HBM2 per chip, 275 TFLOP/s BF16"),
+    "cs2": Device("Cerebras CS-2 (WSE-2)", "cs2", 40 * 10**9, None, False, "CS-2",
+                  "Cerebras CS-2 datasheet: 40 GB on-wafer SRAM; weight streaming keeps weights and "
+                  "optimizer state in MemoryX (Cerebras-GPT, Dey et al. 2023, Sec. 3)"),
+    "cpu": Device("host CPU", "cpu", None, None, True, "cpu",
+                  "this machine: available RAM split over its local devices; peak measured"),
+}
+# fmt: on
+
+
+def by_kind(device_kind: str) -> Device | None:
+    """The table's device whose `kind_match` occurs in jax's `device_kind` (e.g. 'NVIDIA H100 80GB HBM3')."""
+    return next(
+        (d for d in DEVICES.values() if d.platform != "cpu" and d.kind_match.lower() in device_kind.lower()),
+        None,
+    )
+
+
+def host_memory_per_device(local_devices: int) -> int:
+    """The host's available RAM over its local (fake CPU) devices, in bytes."""
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024 // max(1, local_devices)

@@ -1,0 +1,246 @@
+"""What one device holds during a train step on a mesh, and the automatic microbatch / remat choice.
+
+The plan follows the shard shapes the logical-axis rules give on the preset's mesh: parameters, Adam moments and
+gradients are the device's shards (fp32); inside the layer scan each block's weights are all-gathered over
+'fsdp' in the compute dtype, with their fp32 gradients before the reduce-scatter; activations are those one
+microbatch keeps for the backward pass under the remat policy; logits and their gradient are fp32. On a
+Cerebras CS-2 (weight streaming) parameters and optimizer state live in MemoryX, so the wafer holds only what
+one layer and the activations need.
+
+`train.microbatches = "auto"` (0) takes the smallest gradient-accumulation count whose microbatch splits evenly
+over data × fsdp, and with `model.remat = "auto"` the lightest remat policy at that count, that fits the
+device's memory less `MARGIN`. The global batch and its schedule are never changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import ml_collections
+
+from chinchax import hardware, mesh, model
+from chinchax.config import AUTO, REMATS, ConfigError, batch_schedule, d_ffn
+
+MARGIN = 0.10  # of device memory kept free for the runtime, fragmentation and what the model leaves out
+FP32 = 4
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device of one train step (one microbatch's activations), by what holds them."""
+
+    params: int  # fp32 parameter shards
+    optimizer: int  # fp32 Adam μ and ν shards
+    gradients: int  # fp32 gradient shards, the accumulator when microbatches > 1, the update
+    gathered_weights: (
+        int  # one block's weights gathered over fsdp (compute dtype) + their fp32 grads, embedding
+    )
+    activations: int  # kept for the backward pass under the remat policy, plus one block's working set
+    logits: int  # fp32 logits and their gradient (dense loss; the log-softmax fuses into them)
+    inputs: int  # int32 tokens and targets of the step
+    holds_state: bool  # False on weight-streaming devices: params, optimizer and gradients live elsewhere
+
+    @property
+    def state(self) -> int:
+        """Params + optimizer state: what XLA sees as the step's (donated) state arguments."""
+        return self.params + self.optimizer
+
+    @property
+    def total(self) -> int:
+        """What the device itself holds."""
+        streamed = 0 if self.holds_state else self.params + self.optimizer + self.gradients
+        return (
+            self.params
+            + self.optimizer
+            + self.gradients
+            + self.gathered_weights
+            + self.activations
+            + self.logits
+            + self.inputs
+            - streamed
+        )
+
+
+def _axes_size(sizes: dict[str, int], axes) -> int:
+    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(sizes[a] for a in names)
+
+
+def param_shard_elements(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> int:
+    """Parameter elements one device holds on a mesh of these axis sizes (by the logical-axis rules)."""
+    abstract = mesh.abstract_mesh(cfg.mesh, math.prod(sizes.values()))
+    specs = mesh.param_specs(cfg, abstract)
+    shapes = model.param_shapes(cfg.model)
+    total = 0
+    for spec, shape in zip(mesh.leaves(specs), mesh.leaves(shapes), strict=True):
+        axes = tuple(spec) + (None,) * (len(shape.shape) - len(spec))
+        total += math.prod(n // _axes_size(sizes, a) for n, a in zip(shape.shape, axes, strict=True))
+    return total
+
+
+def activation_bytes(cfg: ml_collections.ConfigDict, sequences: int, tensor: int, remat: str) -> int:
+    """Activations one device keeps for the backward pass of `sequences` sequences, and one block's working set.
+
+    Per token and block: the residual stream and two LayerNorm outputs (fp32 statistics), Q/K/V, the attention
+    output, the MLP's two hidden activations (heads and mlp split over `tensor`), and for the 'xla' attention
+    the fp32 logits and softmax with the compute-dtype weights (heads × seq per token). 'dots' keeps only the
+    weight matmuls' outputs and the block input; 'full' keeps the block input; both recompute one block.
+    """
+    m, s = cfg.model, cfg.data.seq_len
+    width = 2 if m.compute_dtype == "bfloat16" else FP32
+    d, f, tokens = m.d_model, d_ffn(m), sequences * s
+    scores = m.n_heads / tensor * s * (2 * FP32 + width) if m.attention == "xla" else 0
+    block = tokens * (d * (2 * width + 2 * FP32) + (4 * d + 2 * f) / tensor * width + scores)
+    block_input = tokens * d * width
+    matmul_outputs = tokens * ((3 * d + f) / tensor * width + 2 * d * width)
+    kept = {"none": block, "dots": block_input + matmul_outputs, "full": block_input}[remat]
+    return int(m.n_layers * kept + (0 if remat == "none" else block))
+
+
+def plan(
+    cfg: ml_collections.ConfigDict, sizes: dict[str, int], device: hardware.Device, shard_elements: int
+) -> MemoryPlan:
+    """The memory plan of cfg (concrete microbatches and remat) on a mesh of these axis sizes.
+
+    shard_elements: `param_shard_elements(cfg, sizes)` (independent of microbatches and remat: pass it in).
+    """
+    m = cfg.model
+    width = 2 if m.compute_dtype == "bfloat16" else FP32
+    tensor = sizes["tensor"]
+    vocab_split = 1 if "vocab" in mesh.preset(cfg.mesh.preset).replicated else tensor
+    shards = sizes["data"] * sizes["fsdp"]
+    micro = cfg.train.batch_size // cfg.train.microbatches
+    sequences = -(-micro // shards)  # per device; a ramp keeps the microbatch size
+    largest_step = max(size for _, size in batch_schedule(cfg.train))
+    shard_bytes = shard_elements * FP32
+    d, f = m.d_model, d_ffn(m)
+    block_weights = (4 * d * d + 2 * d * f) / tensor + 9 * d + f
+    embedding = (m.vocab_size / vocab_split + m.max_positions) * d
+    logits_width = m.vocab_size / vocab_split if m.loss == "dense" else 0
+    return MemoryPlan(
+        params=shard_bytes,
+        optimizer=2 * shard_bytes,
+        gradients=shard_bytes * (3 if cfg.train.microbatches > 1 else 2),
+        gathered_weights=int(2 * block_weights * width + block_weights * FP32 + embedding * (width + FP32)),
+        activations=activation_bytes(cfg, sequences, tensor, m.remat),
+        logits=int(2 * sequences * cfg.data.seq_len * logits_width * FP32),
+        inputs=2 * largest_step // shards * cfg.data.seq_len * 4,
+        holds_state=device.holds_state,
+    )
+
+
+def usable_bytes(device: hardware.Device, local_devices: int = 1) -> int:
+    """Device memory less MARGIN (a CPU host's available RAM over its local devices)."""
+    memory = device.memory_bytes or hardware.host_memory_per_device(local_devices)
+    return int(memory * (1 - MARGIN))
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """Microbatches and remat for a run, the plan they give, and why."""
+
+    microbatches: int
+    remat: str
+    plan: MemoryPlan
+    budget: int
+    reason: str
+
+    @property
+    def fits(self) -> bool:
+        return self.plan.total <= self.budget
+
+
+def microbatch_counts(cfg: ml_collections.ConfigDict, shards: int) -> list[int]:
+    """Gradient-accumulation counts (ascending) whose microbatch divides every batch size of the schedule and
+    splits evenly over `shards` batch shards; ConfigError in one line when none does."""
+    sizes = [size for _, size in batch_schedule(cfg.train)]
+    common = math.gcd(*sizes)
+    first = cfg.train.batch_size
+    counts = [k for k in range(1, first + 1) if first % k == 0 and common % (first // k) == 0]
+    counts = [k for k in counts if (first // k) % shards == 0]
+    if not counts:
+        raise ConfigError(
+            f"config {cfg.name!r}: no microbatch splits every batch size {sizes} over data × fsdp = {shards} "
+            f"shards (a microbatch must divide {common} and be a multiple of {shards}): use a mesh with "
+            f"fewer batch shards"
+        )
+    return counts
+
+
+def choose(
+    cfg: ml_collections.ConfigDict, sizes: dict[str, int], device: hardware.Device, budget: int
+) -> tuple[ml_collections.ConfigDict, Choice]:
+    """cfg with train.microbatches and model.remat resolved ('auto' → chosen), and the choice.
+
+    Candidates in order: the smallest count first, at each count the lightest remat ('none' → 'dots' →
+    'full'); the first that fits is taken. A config that fixes both just gets its plan. When nothing fits,
+    the candidate needing least memory is returned with fits = False and a reason saying so.
+    """
+    shards = sizes["data"] * sizes["fsdp"]
+    auto_count = cfg.train.microbatches == AUTO
+    counts = microbatch_counts(cfg, shards) if auto_count else [cfg.train.microbatches]
+    remats = REMATS if cfg.model.remat == "auto" else (cfg.model.remat,)
+    elements = param_shard_elements(_with(cfg, counts[0], remats[0]), sizes)
+    tried = []
+    for count in counts:
+        for remat in remats:
+            candidate = _with(cfg, count, remat)
+            memory = plan(candidate, sizes, device, elements)
+            tried.append((count, remat, memory.total))
+            if memory.total <= budget:
+                return candidate, Choice(
+                    count, remat, memory, budget, _reason(tried, budget, device, shards, cfg)
+                )
+    count, remat, least = min(tried, key=lambda t: t[2])
+    candidate = _with(cfg, count, remat)
+    reason = (
+        f"nothing fits {budget / GiB:.1f} GiB per device ({device.name} less {MARGIN:.0%}): the lightest plan, "
+        f"{count} microbatch(es) with remat {remat}, needs {least / GiB:.1f} GiB"
+    )
+    return candidate, Choice(count, remat, plan(candidate, sizes, device, elements), budget, reason)
+
+
+def _with(cfg: ml_collections.ConfigDict, microbatches: int, remat: str) -> ml_collections.ConfigDict:
+    resolved = ml_collections.ConfigDict(cfg.to_dict())
+    resolved.train.microbatches = microbatches
+    resolved.model.remat = remat
+    resolved.lock()
+    return resolved
+
+
+def _reason(tried: list, budget: int, device: hardware.Device, shards: int, cfg) -> str:
+    count, remat, total = tried[-1]
+    micro = cfg.train.batch_size // count
+    text = (
+        f"{count} microbatch(es) of {micro} sequences ({micro // shards} per device), remat {remat}: "
+        f"{total / GiB:.1f} GiB of {budget / GiB:.1f} GiB usable ({device.name} less {MARGIN:.0%})"
+    )
+    if len(tried) > 1:
+        lighter = tried[-2]
+        text += f"; {lighter[0]} with remat {lighter[1]} needs {lighter[2] / GiB:.1f} GiB"
+    return text
+
+
+def check(choice: Choice, cfg: ml_collections.ConfigDict) -> None:
+    """ConfigError (one line) when the chosen plan does not fit."""
+    if not choice.fits:
+        raise ConfigError(
+            f"{cfg.name} needs about {choice.plan.total / GiB:.1f} GiB per device, "
+            f"{choice.budget / GiB:.1f} GiB are usable: {choice.reason}; see `python -m experiments.run "
+            f"--config={cfg.name} --dry_run` and run it on a larger mesh (--mesh)"
+        )
+
+
+def run_budget(preset) -> int:
+    """Usable bytes per device for a run on this machine: the accelerator's own limit where it reports one,
+    a CPU host's available RAM over its local devices, else the preset's device table entry."""
+    device = jax.local_devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] * (1 - MARGIN))
+    if device.platform == "cpu":
+        return usable_bytes(hardware.DEVICES["cpu"], jax.local_device_count())
+    return usable_bytes(preset.device)
