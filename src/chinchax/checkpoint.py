@@ -18,6 +18,7 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from chinchax import config as config_lib
 from chinchax import distributed, train_state
@@ -88,9 +89,13 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=No
                 file=sys.stderr,
             )
             if set_aside:
-                corrupt = pathlib.Path(mngr.directory).parent / "corrupt_checkpoints"
-                corrupt.mkdir(exist_ok=True)
-                shutil.move(pathlib.Path(mngr.directory) / str(step), corrupt / f"{step}-{time.time_ns()}")
+                if distributed.is_writer():  # one process moves it; the others wait until it has
+                    corrupt = pathlib.Path(mngr.directory).parent / "corrupt_checkpoints"
+                    corrupt.mkdir(exist_ok=True)
+                    shutil.move(
+                        pathlib.Path(mngr.directory) / str(step), corrupt / f"{step}-{time.time_ns()}"
+                    )
+                multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
                 mngr.reload()
             continue
         return step, restored["state"]
