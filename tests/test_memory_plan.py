@@ -143,11 +143,16 @@ def test_choice_is_the_smallest_count_then_the_lightest_remat_that_fits(budget_g
     assert choice.fits
 
 
-def test_no_microbatch_that_splits_is_a_one_line_error():
+def test_a_batch_that_never_splits_is_padded_and_says_so():
     cfg = _gpt2_point(batch=12)  # 12 sequences can never split evenly over 8 batch shards
-    with pytest.raises(ConfigError, match="no microbatch splits every batch size") as error:
-        memory_plan.choose(cfg, {"data": 1, "fsdp": 8, "tensor": 1}, hardware.DEVICES["h100"], GiB)
-    assert "\n" not in str(error.value)
+    sizes = {"data": 1, "fsdp": 8, "tensor": 1}
+    assert memory_plan.microbatch_counts(cfg, sizes["fsdp"]) == [1, 2, 3, 4, 6, 12]
+    resolved, choice = memory_plan.choose(cfg, sizes, hardware.DEVICES["h100"], 4 * GiB)
+    assert choice.fits and resolved.train.batch_size == 12
+    micro = 12 // choice.microbatches
+    padded = -(-micro // 8) * 8
+    assert f"each is padded to {padded}" in choice.reason and f"{1 - micro / padded:.1%}" in choice.reason
+    assert memory_plan.microbatch_counts(_gpt2_point(batch=32), 8) == [1, 2, 4]
 
 
 def test_dry_run_of_the_2_7b_point_on_an_h100_node_fits():

@@ -171,11 +171,46 @@ def test_shapes_that_do_not_divide_fail_before_compiling():
     devices = mesh.make_mesh(cfg.mesh)
     with pytest.raises(ConfigError, match=r"token_embed/embedding dim 0 \('vocab'\) = 257 .* tensor = 2"):
         mesh.param_shardings(cfg, devices)
-    cfg = _tiny((1, 8, 1))
-    cfg.train.update(batch_size=12, microbatches=1)  # 12 sequences over data × fsdp = 8
-    shapes = jax.eval_shape(lambda: train.init_state(cfg, jax.random.key(0)))
-    with pytest.raises(ConfigError, match="microbatch of 12 sequences is not divisible by data × fsdp = 8"):
-        mesh.jit_train_step(cfg, mesh.make_mesh(cfg.mesh), train.make_train_step(cfg), shapes)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1)])
+def test_a_microbatch_that_does_not_split_is_padded_and_trains_as_the_exact_batch(shape):
+    """12 sequences per microbatch over 8 batch shards: 4 padding rows per microbatch carry no loss, so the
+    losses and parameters equal one device training on the 12 real sequences."""
+    seed = int(np.random.default_rng().integers(2**31))
+    reference_cfg = _tiny()
+    reference_cfg.train.update(batch_size=24, microbatches=2)
+    cfg = _tiny(shape)
+    cfg.train.update(batch_size=24, microbatches=2)
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, cfg.model.vocab_size, size=(3, 2, 12, cfg.data.seq_len + 1), dtype=np.int32)
+    batches = [{"inputs": t[..., :-1], "targets": t[..., 1:]} for t in tokens]
+
+    step = jax.jit(train.make_train_step(reference_cfg))
+    expected = train.init_state(reference_cfg, jax.random.key(seed))
+    expected_losses = []
+    for batch in batches:
+        expected, metrics = step(expected, batch)
+        expected_losses.append(float(metrics["loss"]))
+
+    devices = mesh.make_mesh(cfg.mesh)
+    assert mesh.padded_microbatch(devices, 12) == 16
+    state = mesh.init_sharded_state(cfg, devices, train.init_state, jax.random.key(seed))
+    sharded_step = mesh.jit_train_step(
+        cfg, devices, train.make_train_step(cfg), jax.eval_shape(lambda: state)
+    )
+    losses = []
+    for batch in batches:
+        micro = [{key: batch[key][i] for key in batch} for i in range(2)]
+        global_batch = train._global_batch(devices, micro, 12)
+        assert global_batch["targets"].shape == (2, 16, cfg.data.seq_len)
+        state, metrics = sharded_step(state, global_batch)
+        losses.append(float(metrics["loss"]))
+    np.testing.assert_allclose(losses, expected_losses, rtol=0, atol=1e-5, err_msg=f"seed {seed}")
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(expected.params), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(got), np.asarray(want), rtol=0, atol=1e-5, err_msg=f"seed {seed}"
+        )
 
 
 def test_process_rows_cover_the_batch_in_one_process():

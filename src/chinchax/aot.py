@@ -98,15 +98,15 @@ def compile_plan(
     overrides still apply) and report what XLA says.
 
     devices: a list, a count (the first n visible devices) or None (the preset's count, else all visible).
-    A microbatch that does not split over data × fsdp is padded up for the plan (reported as
-    `padded_microbatch`); training such a config on that mesh is refused by mesh.jit_train_step.
+    A microbatch that does not split over data × fsdp is padded up with rows that carry no loss, as training
+    pads it (reported as `padded_microbatch`).
     """
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.mesh.preset = preset or cfg.mesh.preset
     devices = _devices(mesh_lib.preset(cfg.mesh.preset).devices, devices)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     micro = microbatch_size(cfg.train)
-    padded = -(-micro // mesh_lib.batch_shards(mesh)) * mesh_lib.batch_shards(mesh)
+    padded = mesh_lib.padded_microbatch(mesh, micro)
     microbatches = cfg.train.batch_size // micro
 
     start = time.perf_counter()
@@ -115,9 +115,7 @@ def compile_plan(
     tokens = jax.ShapeDtypeStruct(
         (microbatches, padded, cfg.data.seq_len), jnp.int32, sharding=mesh_lib.batch_sharding(mesh)
     )
-    step = mesh_lib.jit_train_step(
-        cfg, mesh, train.make_train_step(cfg), state_shapes, check_microbatch=False
-    )
+    step = mesh_lib.jit_train_step(cfg, mesh, train.make_train_step(cfg), state_shapes)
     lowered = step.lower(state, {"inputs": tokens, "targets": tokens})
     lowered_at = time.perf_counter()
     compiled = lowered.compile()

@@ -8,8 +8,9 @@ Cerebras CS-2 (weight streaming) parameters and optimizer state live in MemoryX,
 one layer and the activations need.
 
 `train.microbatches = "auto"` (0) takes the smallest gradient-accumulation count whose microbatch splits evenly
-over data × fsdp, and with `model.remat = "auto"` the lightest remat policy at that count, that fits the
-device's memory less `MARGIN`. The global batch and its schedule are never changed.
+over data × fsdp (if none does, microbatches are padded with sequences that carry no loss), and with
+`model.remat = "auto"` the lightest remat policy at that count, that fits the device's memory less `MARGIN`.
+The global batch and its schedule are never changed.
 """
 
 from __future__ import annotations
@@ -154,20 +155,13 @@ class Choice:
 
 
 def microbatch_counts(cfg: ml_collections.ConfigDict, shards: int) -> list[int]:
-    """Gradient-accumulation counts (ascending) whose microbatch divides every batch size of the schedule and
-    splits evenly over `shards` batch shards; ConfigError in one line when none does."""
-    sizes = [size for _, size in batch_schedule(cfg.train)]
-    common = math.gcd(*sizes)
+    """Gradient-accumulation counts (ascending) whose microbatch divides every batch size of the schedule: those
+    whose microbatch also splits evenly over `shards` batch shards, or if none does, all of them (training then
+    pads each microbatch with rows that carry no loss)."""
+    common = math.gcd(*(size for _, size in batch_schedule(cfg.train)))
     first = cfg.train.batch_size
     counts = [k for k in range(1, first + 1) if first % k == 0 and common % (first // k) == 0]
-    counts = [k for k in counts if (first // k) % shards == 0]
-    if not counts:
-        raise ConfigError(
-            f"config {cfg.name!r}: no microbatch splits every batch size {sizes} over data × fsdp = {shards} "
-            f"shards (a microbatch must divide {common} and be a multiple of {shards}): use a mesh with "
-            f"fewer batch shards"
-        )
-    return counts
+    return [k for k in counts if (first // k) % shards == 0] or counts
 
 
 def choose(
@@ -214,13 +208,20 @@ def _with(cfg: ml_collections.ConfigDict, microbatches: int, remat: str) -> ml_c
 def _reason(tried: list, budget: int, device: hardware.Device, shards: int, cfg) -> str:
     count, remat, total = tried[-1]
     micro = cfg.train.batch_size // count
+    padded = -(-micro // shards) * shards
     text = (
-        f"{count} microbatch(es) of {micro} sequences ({micro // shards} per device), remat {remat}: "
+        f"{count} microbatch(es) of {micro} sequences ({padded // shards} per device), remat {remat}: "
         f"{total / GiB:.1f} GiB of {budget / GiB:.1f} GiB usable ({device.name} less {MARGIN:.0%})"
     )
     if len(tried) > 1:
         lighter = tried[-2]
         text += f"; {lighter[0]} with remat {lighter[1]} needs {lighter[2] / GiB:.1f} GiB"
+    if padded != micro:
+        sizes = [size for _, size in batch_schedule(cfg.train)]
+        text += (
+            f"; no microbatch of {sizes} splits over {shards} batch shards: each is padded to {padded} with "
+            f"sequences that carry no loss ({1 - micro / padded:.1%} of the compute)"
+        )
     return text
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
 from chinchax import hardware, model
-from chinchax.config import ConfigError, microbatch_size
+from chinchax.config import ConfigError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over
@@ -237,14 +237,14 @@ def batch_shards(mesh: Mesh) -> int:
     return _axes_size(mesh, BATCH_AXES)
 
 
-def check_batch(cfg: ml_collections.ConfigDict, mesh: Mesh, sequences: int | None = None) -> None:
-    """ConfigError when a microbatch (default: the config's) does not split evenly over the batch axes."""
-    sequences = sequences or microbatch_size(cfg.train)
-    if sequences % batch_shards(mesh):
-        raise ConfigError(
-            f"config {cfg.name!r} on mesh {_describe(cfg.mesh, mesh)}: a microbatch of {sequences} sequences "
-            f"is not divisible by data × fsdp = {batch_shards(mesh)} (set train.microbatches or the mesh)"
-        )
+def padded_microbatch(mesh: Mesh, sequences: int) -> int:
+    """A microbatch of `sequences` rounded up to split evenly over the batch shards and the processes feeding
+    them; the rows added are padding that carries no loss (train.IGNORE targets), so the batch stays exact."""
+    processes = jax.process_count()
+    if sequences % processes:
+        raise ConfigError(f"a microbatch of {sequences} sequences does not split over {processes} processes")
+    unit = math.lcm(batch_shards(mesh), processes)
+    return -(-sequences // unit) * unit
 
 
 def process_batch_rows(mesh: Mesh, global_sequences: int) -> slice:
@@ -286,15 +286,13 @@ class ShardedStep:
 
 
 def jit_train_step(
-    cfg: ml_collections.ConfigDict, mesh: Mesh, step_fn: Callable, state_shapes, check_microbatch: bool = True
+    cfg: ml_collections.ConfigDict, mesh: Mesh, step_fn: Callable, state_shapes
 ) -> ShardedStep:
     """jax.jit(step_fn) with state and batch placed by the rules, metrics replicated, the state donated.
 
-    Checks before compiling that every parameter and (unless told not to) the config's microbatch divide
-    their mesh axes.
+    Checks before compiling that every parameter divides its mesh axes (a microbatch that does not split
+    over the batch shards is padded by the caller: `padded_microbatch`).
     """
-    if check_microbatch:
-        check_batch(cfg, mesh)
     state = _carried_shardings(cfg, mesh, state_shapes)
     jitted = jax.jit(
         step_fn,

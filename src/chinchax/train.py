@@ -35,24 +35,30 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (diverged, or too large for this host)."""
 
 
+IGNORE = -1  # the target of a padding sequence (mesh.pad_rows): it carries no loss and no gradient
+
+
 def loss_fn(cfg: ml_collections.ConfigDict):
-    """(params, inputs, targets) → mean next-token cross-entropy in fp32 (nats/token)."""
+    """(params, inputs, targets) → (next-token cross-entropy summed over the targets that are not IGNORE, in
+    fp32 nats, and how many there are)."""
     gpt = model.build(cfg.model)
     logit_scale = parametrization.forward_multipliers(cfg.model).logits
 
     def loss(params, inputs, targets):
+        real = targets != IGNORE
+        labels = jnp.where(real, targets, 0)
         if cfg.model.loss == "chunked":
             hidden = gpt.apply({"params": params}, inputs, method=model.GPT.features)
             per_token = chinchax_kernels.softmax_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]),
                 params["token_embed"]["embedding"],
-                targets.reshape(-1),
+                labels.reshape(-1),
                 logit_scale=logit_scale,
-            )
+            ).reshape(labels.shape)
         else:
             logits = gpt.apply({"params": params}, inputs)
-            per_token = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        return per_token.astype(jnp.float32).mean()
+            per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.sum(jnp.where(real, per_token.astype(jnp.float32), 0.0)), jnp.sum(real)
 
     return loss
 
@@ -62,8 +68,9 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
 
     tokens: the run's training tokens (the schedule's span) when the caller has planned them already.
 
-    Gradients are averaged over microbatches with a scan (one compiled body); the metrics are the mean
-    loss, the global gradient norm before clipping, and the step's learning rate.
+    Gradients are averaged over the step's real tokens (padding rows excluded) with a scan over microbatches
+    (one compiled body); the metrics are the mean loss, the global gradient norm before clipping, and the
+    step's learning rate.
     """
     loss = loss_fn(cfg)
     tokens = tokens or total_tokens(cfg)
@@ -71,17 +78,20 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
     lr = optim.learning_rate(cfg, tokens)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        tokens_in_step = jnp.sum(batch["targets"] != IGNORE).astype(jnp.float32)
+
+        def mean_share(params, inputs, targets):
+            return loss(params, inputs, targets)[0] / tokens_in_step
+
         def accumulate(carry, microbatch):
-            value, grads = jax.value_and_grad(loss)(state.params, microbatch["inputs"], microbatch["targets"])
-            return jax.tree.map(jnp.add, carry, (value, grads)), None
+            share = jax.value_and_grad(mean_share)(state.params, microbatch["inputs"], microbatch["targets"])
+            return jax.tree.map(jnp.add, carry, share), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (total_loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
-        count = batch["inputs"].shape[0]
-        grads = jax.tree.map(lambda g: g / count, grads)
+        (mean_loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-        metrics = {"loss": total_loss / count, "grad_norm": optax.global_norm(grads), "lr": lr(state.step)}
+        metrics = {"loss": mean_loss, "grad_norm": optax.global_norm(grads), "lr": lr(state.step)}
         return new_state, metrics
 
     return step
@@ -90,7 +100,12 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
 def make_eval_step(cfg: ml_collections.ConfigDict, devices):
     """(params, batch) → mean loss of one (1, sequences, seq_len) global batch, under the mesh's rules."""
     loss = loss_fn(cfg)
-    jitted = jax.jit(lambda params, batch: loss(params, batch["inputs"][0], batch["targets"][0]))
+
+    def mean_loss(params, batch):
+        total, count = loss(params, batch["inputs"][0], batch["targets"][0])
+        return total / count
+
+    jitted = jax.jit(mean_loss)
 
     def eval_step(params, batch):
         with jax.set_mesh(devices), nn.logical_axis_rules(mesh.rules(cfg.mesh)):
@@ -289,6 +304,13 @@ def train(
 
 
 def _global_batch(devices, local_batches: list[dict], micro: int) -> dict:
-    """This process's loader batches stacked to (microbatches, sequences, seq_len), as one global array."""
+    """This process's loader batches stacked to (microbatches, sequences, seq_len), as one global array whose
+    microbatch is padded to split evenly over the batch shards (padding rows have IGNORE targets)."""
+    padded = mesh.padded_microbatch(devices, micro)
+    pad = (padded - micro) // jax.process_count()
     local = {key: np.stack([b[key] for b in local_batches]) for key in ("inputs", "targets")}
-    return mesh.global_batch(devices, local, micro)
+    local = {
+        "inputs": np.pad(local["inputs"], ((0, 0), (0, pad), (0, 0))),
+        "targets": np.pad(local["targets"], ((0, 0), (0, pad), (0, 0)), constant_values=IGNORE),
+    }
+    return mesh.global_batch(devices, local, padded)
