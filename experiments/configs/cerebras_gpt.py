@@ -51,6 +51,8 @@ def _family_point(name: str, size: str, parametrization: str):
     cfg.model.update(n_layers=layers, d_model=d, n_heads=heads, parametrization=parametrization, **POD_RUN)
     cfg.train.update(batch_size=batch, warmup_tokens=warmup * batch * SEQ, decay=decay, adam_eps=eps)
     cfg.train.microbatches = AUTO
+    if heads % 2:  # 256M's 17 heads do not split over tensor parallelism: those devices shard by FSDP instead
+        cfg.mesh.tensor = 1
     if size == "13b":
         cfg.train.update(tokens=TOKENS_13B, batch_ramp=RAMP_13B)
     else:

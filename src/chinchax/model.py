@@ -195,14 +195,19 @@ class GPT(nn.Module):
         return self.ln_f(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Tied head: hidden · token_embedᵀ × the logit multiplier, fp32."""
+        """Tied head: (hidden × the logit multiplier) · token_embedᵀ, fp32.
+
+        The multiplier (μP's 1/m) scales the hidden states rather than the logits, so no second
+        vocabulary-sized fp32 buffer is written.
+        """
         dtype = jnp.dtype(self.model.compute_dtype)
         embedding = self.token_embed.embedding.astype(dtype)
+        multiplier = parametrization.forward_multipliers(self.model).logits
+        scaled = hidden if multiplier == 1.0 else hidden * multiplier
         logits = jnp.einsum(
-            "bsd,vd->bsv", hidden.astype(dtype), embedding, preferred_element_type=jnp.float32
+            "bsd,vd->bsv", scaled.astype(dtype), embedding, preferred_element_type=jnp.float32
         )
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits * parametrization.forward_multipliers(self.model).logits
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         logits = self.logits(self.features(tokens))
