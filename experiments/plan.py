@@ -76,6 +76,8 @@ def pod_row(name: str, preset: str) -> dict:
         "preset": preset,
         "devices": report["aot"]["devices"],
         "microbatches": report["microbatches"],
+        "sequences": report["aot"]["batch"]["sequences"],
+        "padded_from": (report["aot"]["padded_microbatch"] or {}).get("from"),
         "remat": report["remat"],
         "analytic_gib": memory["analytic_bytes"] / GiB,
         "xla_gib": memory["xla_bytes"] / GiB,
@@ -87,15 +89,17 @@ def pod_row(name: str, preset: str) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| scale point | preset | devices | microbatches | remat | analytic GiB | XLA GiB | analytic/XLA | usable GiB | fits |",
+        "| scale point | preset | devices | microbatches × sequences | remat | analytic GiB | XLA GiB | analytic/XLA "
+        "| usable GiB | fits |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "why" in r:
             lines.append(f"| {r['name']} | {r['preset']} | | | | | | | | no: {r['why']} |")
             continue
+        sequences = f"{r['padded_from']} padded to {r['sequences']}" if r["padded_from"] else r["sequences"]
         lines.append(
-            f"| {r['name']} | {r['preset']} | {r['devices']} | {r['microbatches']} | {r['remat']} | "
+            f"| {r['name']} | {r['preset']} | {r['devices']} | {r['microbatches']} × {sequences} | {r['remat']} | "
             f"{r['analytic_gib']:.1f} | {r['xla_gib']:.1f} | {r['analytic_gib'] / r['xla_gib']:.2f} | "
             f"{r['usable_gib']:.1f} | {'yes' if r['fits'] else 'no'} |"
         )

@@ -215,7 +215,7 @@ def _reason(tried: list, budget: int, device: hardware.Device, shards: int, cfg)
     )
     if len(tried) > 1:
         lighter = tried[-2]
-        text += f"; {lighter[0]} with remat {lighter[1]} needs {lighter[2] / GiB:.1f} GiB"
+        text += f"; the candidate before it ({lighter[0]} with remat {lighter[1]}) needs {lighter[2] / GiB:.1f} GiB"
     if padded != micro:
         sizes = [size for _, size in batch_schedule(cfg.train)]
         text += (
