@@ -1,9 +1,11 @@
-"""Run a sweep: `python -m experiments.sweep --sweep=NAME [--root=DIR] [--launcher=local|slurm|print|gather]
-[--parallel=K]`.
+"""Run a sweep: `python -m experiments.sweep --sweep=NAME [--root=DIR]
+[--launcher=local|ray|slurm|print|gather] [--parallel=K] [--ray_address=ADDR] [--ray_resources=JSON]`.
 
 local trains every pending point (experiments.run in a subprocess, output in ROOT/logs/<point>.log), then
 gathers ROOT/results.{csv,jsonl} and runs the sweep's analysis (fit.json / mutransfer.json and PNGs in ROOT).
 Points with summary.json are skipped, so rerunning resumes a sweep (a killed point from its checkpoint).
+ray does the same with each pending point as a Ray task holding its mesh preset's GPUs or TPUs (one CPU on
+the cpu preset; --ray_resources overrides), on the cluster at --ray_address or on a new local Ray instance.
 slurm writes ROOT/slurm/sweep.sbatch (an array job over the pending points); print prints one command per
 pending point (for the hosts of a pod, or xargs -P); gather only gathers and analyses what is done.
 Sweeps: experiments/configs/sweeps.py (--list names them).
@@ -16,7 +18,9 @@ import time
 
 from absl import app, flags
 
-from chinchax.scaling import fit_io, plan
+from chinchax import mesh
+from chinchax.config import ConfigError
+from chinchax.scaling import fit_io, launch, plan
 from chinchax.scaling import sweep as sweep_lib
 from experiments import configs
 from experiments.configs import sweeps
@@ -26,7 +30,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 _SWEEP = flags.DEFINE_string("sweep", None, "Sweep name (see --list).")
 _ROOT = flags.DEFINE_string("root", None, "Sweep folder (default: runs/sweeps/NAME).")
 _LAUNCHER = flags.DEFINE_enum(
-    "launcher", "local", ["local", "slurm", "print", "gather"], "How to run points."
+    "launcher", "local", ["local", "ray", "slurm", "print", "gather"], "How to run points."
 )
 _PARALLEL = flags.DEFINE_integer(
     "parallel", 1, "Points trained at once by the local launcher.", lower_bound=1
@@ -34,7 +38,18 @@ _PARALLEL = flags.DEFINE_integer(
 _BOOTSTRAP = flags.DEFINE_integer(
     "bootstrap", sweep_lib.BOOTSTRAP, "Bootstrap resamples for the fit CIs.", lower_bound=0
 )
+_RAY_ADDRESS = flags.DEFINE_string(
+    "ray_address", None, "Ray cluster to run on ('auto', 'ray://head:10001'); default: a new local instance."
+)
+_RAY_RESOURCES = flags.DEFINE_string(
+    "ray_resources",
+    None,
+    "Ray resources of every point as JSON, e.g. '{\"TPU\": 4}' (default: from its preset).",
+)
 _SBATCH = flags.DEFINE_multi_string("sbatch", [], "Extra #SBATCH option, e.g. --sbatch=--partition=gpu.")
+_PYTHON = flags.DEFINE_string(
+    "python", sys.executable, "Interpreter of the slurm and print commands (default: this one)."
+)
 _LIST = flags.DEFINE_bool("list", False, "List the sweeps with their points' planned budgets and exit.")
 
 
@@ -52,6 +67,24 @@ def list_sweeps() -> str:
     return "\n".join(lines)
 
 
+def point_resources(point: plan.Point) -> dict[str, float]:
+    """The Ray resources of the point's mesh preset."""
+    cfg = plan.configure(configs.get(point.base), point.overrides)
+    return launch.ray_resources(mesh.preset(cfg.mesh.preset))
+
+
+def parse_resources(text: str) -> dict[str, float]:
+    """--ray_resources: a JSON object of resource amounts."""
+    try:
+        resources = json.loads(text)
+    except json.JSONDecodeError:
+        resources = None
+    amounts = resources.values() if isinstance(resources, dict) else [None]
+    if not all(isinstance(v, int | float) and v >= 0 for v in amounts):
+        raise sweep_lib.SweepError(f"--ray_resources={text} is not a JSON object of resource amounts")
+    return resources
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -64,16 +97,20 @@ def main(argv):
     root = pathlib.Path(_ROOT.value or f"runs/sweeps/{sweep.name}").resolve()
     sweep_lib.write_manifest(sweep, root)
     if _LAUNCHER.value == "print":
-        print(sweep_lib.print_commands(sweep, root, REPO))
+        print(launch.print_commands(sweep, root, REPO, _PYTHON.value))
         return
     if _LAUNCHER.value == "slurm":
-        script = sweep_lib.write_slurm(sweep, root, REPO, tuple(_SBATCH.value))
+        script = launch.write_slurm(sweep, root, REPO, tuple(_SBATCH.value), _PYTHON.value)
         print(f"submit with: sbatch {script}" if script else f"{sweep.name}: every point is done")
         return
     start = time.perf_counter()
     outcomes = []
     if _LAUNCHER.value == "local":
-        outcomes = sweep_lib.run_local(sweep, root, REPO, _PARALLEL.value)
+        outcomes = launch.run_local(sweep, root, REPO, _PARALLEL.value)
+    elif _LAUNCHER.value == "ray":
+        fixed = parse_resources(_RAY_RESOURCES.value) if _RAY_RESOURCES.value else None
+        resources = {p.name: fixed or point_resources(p) for p in sweep.points}
+        outcomes = launch.run_ray(sweep, root, REPO, resources, _RAY_ADDRESS.value)
     rows = sweep_lib.gather(sweep, root)
     counts = {
         s: sum(sweep_lib.status(root, p) == s for p in sweep.points) for s in ("done", "diverged", "pending")
@@ -97,7 +134,7 @@ def cli():
     """Entry point with one-line errors for unknown sweeps and results that cannot be fitted."""
     try:
         app.run(main)
-    except (sweep_lib.SweepError, plan.PlanError, fit_io.FitDataError) as error:
+    except (sweep_lib.SweepError, plan.PlanError, fit_io.FitDataError, ConfigError) as error:
         sys.exit(f"error: {error}")
 
 

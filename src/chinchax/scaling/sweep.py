@@ -1,44 +1,34 @@
-"""Sweeps: run many scale points (local subprocesses, SLURM array, printed commands), resume, gather, analyse.
+"""Sweeps: what a sweep is, where its points' files live, and gathering and analysing their results.
 
 A sweep is a list of planned points (chinchax.scaling.plan.Point) and the analysis that follows them. Under a
 root folder each point trains in `runs/<point>/` (experiments.run's workdir: a killed point resumes from its
 checkpoint by rerunning the same command) with its output in `logs/<point>.log`; a point whose workdir holds
-summary.json is done and skipped. `results.csv` / `results.jsonl` gather every done point's tags and summary,
-and the analysis (compute-law fit, isoFLOP fit, μTransfer figure) writes its JSON and plots into the root.
+summary.json is done and skipped. chinchax.scaling.launch trains the pending points (local subprocesses, Ray
+tasks on a local or existing cluster, a SLURM array job, printed commands). `results.csv` / `results.jsonl`
+gather every done point's tags and summary, and the analysis (compute-law fit, isoFLOP fit, μTransfer figure)
+writes its JSON and plots into the root.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import csv
 import dataclasses
-import fcntl
 import io
 import json
 import os
 import pathlib
-import shlex
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
-import time
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from chinchax.scaling import fit, fit_io, plots  # noqa: E402
 from chinchax.scaling.plan import Point  # noqa: E402
 
 ANALYSES = ("compute_law", "isoflop", "mutransfer")
-RUNNER = ("-m", "experiments.run")
-DIVERGED_MARK = "diverged"  # experiments.run's one-line error for a run whose loss went non-finite says this
 BOOTSTRAP = 200
 SEED = 0
 SUMMARY_COLUMNS = (
@@ -95,17 +85,6 @@ def status(root: pathlib.Path, point: Point) -> str:
     return "diverged" if diverged_path(root, point).is_file() else "pending"
 
 
-def command(root: pathlib.Path, point: Point, python: str = sys.executable) -> list[str]:
-    """experiments.run for the point, with its name and workdir."""
-    return [
-        python,
-        *RUNNER,
-        *point.run_args(),
-        f"--config.name={point.name}",
-        f"--workdir={workdir(root, point)}",
-    ]
-
-
 def write_atomic(path: pathlib.Path, text: str) -> None:
     """Write text to a temp file in the same folder, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,171 +106,6 @@ def write_manifest(sweep: Sweep, root: pathlib.Path) -> None:
     ]
     manifest = {"sweep": sweep.name, "description": sweep.description, "analysis": sweep.analysis}
     write_atomic(root / "sweep.json", json.dumps({**manifest, "points": points}, indent=1) + "\n")
-
-
-@contextlib.contextmanager
-def _point_lock(root: pathlib.Path, point: Point):
-    """Yield True when this process holds the point's lock (another sweep on the same root may hold it)."""
-    path = root / "logs" / f".{point.name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-
-
-def _last_error(log: pathlib.Path) -> str:
-    """The run's last `error: ...` line, else its last non-empty line."""
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    return (errors or lines or ["(no output)"])[-1]
-
-
-@dataclasses.dataclass
-class Outcome:
-    point: str
-    status: str  # done | diverged | failed | busy
-    seconds: float
-    message: str = ""
-
-
-def _run_point(
-    root: pathlib.Path, point: Point, cwd: pathlib.Path, env: dict, children: dict, stopping: threading.Event
-) -> Outcome:
-    start = time.perf_counter()
-    with _point_lock(root, point) as mine:
-        if not mine:
-            return Outcome(point.name, "busy", 0.0, "another sweep process is running it")
-        if status(root, point) != "pending" or stopping.is_set():
-            return Outcome(point.name, status(root, point), 0.0)
-        log = log_path(root, point)
-        with open(log, "a") as out:
-            out.write(f"\n$ {shlex.join(command(root, point))}\n")
-            out.flush()
-            child = subprocess.Popen(
-                command(root, point), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
-            )
-            children[point.name] = child
-            rc = child.wait()
-            children.pop(point.name, None)
-        seconds = time.perf_counter() - start
-        if status(root, point) == "done":
-            return Outcome(point.name, "done", seconds)
-        message = _last_error(log)
-        if rc != 0 and DIVERGED_MARK in message:
-            write_atomic(
-                diverged_path(root, point), json.dumps({"point": point.name, "error": message}) + "\n"
-            )
-            return Outcome(point.name, "diverged", seconds, message)
-        return Outcome(point.name, "failed", seconds, f"exit {rc}: {message} (log: {log})")
-
-
-def run_local(
-    sweep: Sweep, root: pathlib.Path, cwd: pathlib.Path, parallel: int = 1, progress: bool = True
-) -> list[Outcome]:
-    """Train every pending point, `parallel` at a time; returns the outcomes of the points it tried.
-
-    SIGINT / SIGTERM reach the running points as SIGTERM (they checkpoint and stop); rerunning resumes them.
-    """
-    if parallel < 1:
-        raise SweepError(f"--parallel must be >= 1, got {parallel}")
-    pending = [p for p in sweep.points if status(root, p) == "pending"]
-    (root / "logs").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    children: dict[str, subprocess.Popen] = {}
-    stopping = threading.Event()
-    outcomes: list[Outcome] = []
-    bar = tqdm(
-        total=len(sweep.points),
-        initial=len(sweep.points) - len(pending),
-        desc=sweep.name,
-        unit="run",
-        disable=not progress,
-    )
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel)
-    try:
-        futures = [pool.submit(_run_point, root, p, cwd, env, children, stopping) for p in pending]
-        for future in concurrent.futures.as_completed(futures):
-            outcome = future.result()
-            outcomes.append(outcome)
-            bar.update(1)
-            bar.set_postfix_str(f"{outcome.point}: {outcome.status} ({outcome.seconds:.0f} s)")
-            if outcome.status == "failed":
-                tqdm.write(f"failed: {outcome.point}: {outcome.message}", file=sys.stderr)
-    except KeyboardInterrupt:
-        stopping.set()
-        pool.shutdown(wait=False, cancel_futures=True)
-        for child in list(children.values()):
-            child.send_signal(signal.SIGTERM)
-        for child in list(children.values()):
-            child.wait()
-        raise
-    finally:
-        pool.shutdown(wait=True)
-        signal.signal(signal.SIGTERM, previous)
-        bar.close()
-    return outcomes
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def print_commands(sweep: Sweep, root: pathlib.Path, cwd: pathlib.Path) -> str:
-    """One shell line per pending point (run each on every host of a pod slice, or feed them to xargs -P)."""
-    python = "python"
-    lines = [
-        f"cd {shlex.quote(str(cwd))} && {shlex.join(command(root, p, python))} >> {shlex.quote(str(log_path(root, p)))} 2>&1"
-        for p in sweep.points
-        if status(root, p) == "pending"
-    ]
-    return "\n".join(lines)
-
-
-def write_slurm(
-    sweep: Sweep, root: pathlib.Path, cwd: pathlib.Path, sbatch_options: tuple[str, ...] = ()
-) -> pathlib.Path | None:
-    """root/slurm/{commands.txt, sweep.sbatch}: an array job, one task per pending point; None when none pends.
-
-    Each task skips its point if summary.json appeared meanwhile and appends to the point's log. SLURM's TERM
-    two minutes before the time limit is forwarded to the trainer, which checkpoints; resubmitting (this
-    command writes a new array over what is still pending) resumes those points from their checkpoints.
-    """
-    pending = [p for p in sweep.points if status(root, p) == "pending"]
-    if not pending:
-        return None
-    folder = root / "slurm"
-    (root / "logs").mkdir(parents=True, exist_ok=True)
-    lines = [
-        f"test -f {shlex.quote(str(workdir(root, p) / 'summary.json'))} || "
-        f"exec {shlex.join(command(root, p, 'python'))} >> {shlex.quote(str(log_path(root, p)))} 2>&1"
-        for p in pending
-    ]
-    write_atomic(folder / "commands.txt", "\n".join(lines) + "\n")
-    header = [
-        "#!/bin/bash",
-        f"#SBATCH --job-name={sweep.name}",
-        f"#SBATCH --array=1-{len(pending)}",
-        f"#SBATCH --output={folder}/%A_%a.out",
-        "#SBATCH --signal=B:TERM@120",  # time to checkpoint before the time limit
-        *[f"#SBATCH {option}" for option in sbatch_options],
-    ]
-    body = [
-        "set -euo pipefail",
-        f"cd {shlex.quote(str(cwd))}",
-        f'line=$(sed -n "${{SLURM_ARRAY_TASK_ID}}p" {shlex.quote(str(folder / "commands.txt"))})',
-        'bash -c "$line" &',  # `exec` in the line makes this child the trainer itself
-        "trainer=$!",
-        "trap 'kill -TERM \"$trainer\"' TERM",  # forward SLURM's warning: the trainer checkpoints and stops
-        'wait "$trainer" || wait "$trainer"',
-    ]
-    script = folder / "sweep.sbatch"
-    write_atomic(script, "\n".join(header + [""] + body) + "\n")
-    return script
 
 
 def gather(sweep: Sweep, root: pathlib.Path) -> list[dict]:
