@@ -24,24 +24,25 @@ class Device:
     holds_state: bool  # False: params and optimizer state stream from elsewhere (Cerebras MemoryX)
     kind_match: str  # substring of jax's `device_kind` that identifies it
     source: str
+    devices_per_host: int | None = None  # in a multi-host pod (8 GPUs per node, 4 TPU chips per host)
 
 
 # fmt: off
 DEVICES: dict[str, Device] = {  # by_kind takes the first match: the more specific names come first
     "h100-pcie": Device("NVIDIA H100 PCIe 80 GB", "gpu", 80 * GiB, 756e12, True, "H100 PCIe",
-                        "NVIDIA H100 Tensor Core GPU datasheet: 80 GB HBM2e, 756 TFLOP/s dense BF16 (PCIe)"),
+                        "NVIDIA H100 Tensor Core GPU datasheet: 80 GB HBM2e, 756 TFLOP/s dense BF16 (PCIe)", devices_per_host=8),
     "h100": Device("NVIDIA H100 SXM5 80 GB", "gpu", 80 * GiB, 989.4e12, True, "H100",
-                   "NVIDIA H100 Tensor Core GPU datasheet: 80 GB HBM3, 989.4 TFLOP/s dense BF16 (SXM5)"),
+                   "NVIDIA H100 Tensor Core GPU datasheet: 80 GB HBM3, 989.4 TFLOP/s dense BF16 (SXM5)", devices_per_host=8),
     "h200": Device("NVIDIA H200 SXM 141 GB", "gpu", 141 * 10**9, 989.4e12, True, "H200",
-                   "NVIDIA H200 Tensor Core GPU datasheet: 141 GB HBM3e, 989 TFLOP/s dense BF16"),
+                   "NVIDIA H200 Tensor Core GPU datasheet: 141 GB HBM3e, 989 TFLOP/s dense BF16", devices_per_host=8),
     "a100": Device("NVIDIA A100 SXM4 80 GB", "gpu", 80 * GiB, 312e12, True, "A100",
-                   "NVIDIA A100 Tensor Core GPU datasheet: 80 GB HBM2e, 312 TFLOP/s dense BF16"),
+                   "NVIDIA A100 Tensor Core GPU datasheet: 80 GB HBM2e, 312 TFLOP/s dense BF16", devices_per_host=8),
     "tpu-v5e": Device("Google TPU v5e", "tpu", 16 * GiB, 197e12, True, "TPU v5 lite",
-                      "Google Cloud TPU v5e documentation: 16 GiB HBM2 per chip, 197 TFLOP/s BF16"),
+                      "Google Cloud TPU v5e documentation: 16 GiB HBM2 per chip, 197 TFLOP/s BF16", devices_per_host=4),
     "tpu-v5p": Device("Google TPU v5p", "tpu", 95 * GiB, 459e12, True, "TPU v5p",
-                      "Google Cloud TPU v5p documentation: 95 GiB HBM2e per chip, 459 TFLOP/s BF16"),
+                      "Google Cloud TPU v5p documentation: 95 GiB HBM2e per chip, 459 TFLOP/s BF16", devices_per_host=4),
     "tpu-v4": Device("Google TPU v4", "tpu", 32 * GiB, 275e12, True, "TPU v4",
-                     "Google Cloud TPU v4 documentation: 32 GiB HBM2 per chip, 275 TFLOP/s BF16"),
+                     "Google Cloud TPU v4 documentation: 32 GiB HBM2 per chip, 275 TFLOP/s BF16", devices_per_host=4),
     "cs2": Device("Cerebras CS-2 (WSE-2)", "cs2", 40 * 10**9, None, False, "CS-2",
                   "Cerebras CS-2 datasheet: 40 GB on-wafer SRAM; weight streaming keeps weights and "
                   "optimizer state in MemoryX (Cerebras-GPT, Dey et al. 2023, Sec. 3)"),
