@@ -38,7 +38,9 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory, default runs/NAME; resumes from its checkpoints."
 )
 _MESH = flags.DEFINE_string(
-    "mesh", None, "Cluster preset (cpu, wse-N, gpu-8, tpu-v5e-16); sets config.mesh.preset."
+    "mesh",
+    None,
+    "Cluster preset (cpu, gpu-8, gpu-8xN, tpu-v5e-N, tpu-v5p-N, wse-N, ...); sets config.mesh.preset.",
 )
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")

@@ -65,6 +65,8 @@ PRESETS: dict[str, Preset] = {
     "wse-N":      Preset("N Cerebras CS-2 systems (Andromeda: 16), weight streaming = FSDP over N",
                          D["cs2"], None, (1, REST, 1)),
     "gpu-8":      Preset("one 8×H100 node: FSDP 4 × tensor 2 over NVLink", D["h100"], 8, (1, REST, 2), ("vocab",)),
+    "gpu-h200-8": Preset("one 8×H200 node: FSDP 4 × tensor 2", D["h200"], 8, (1, REST, 2), ("vocab",)),
+    "gpu-a100-8": Preset("one 8×A100 80 GB node: FSDP 4 × tensor 2", D["a100"], 8, (1, REST, 2), ("vocab",)),
     "gpu-8xN":    Preset("N 8×H100 nodes: data parallel across nodes, FSDP 4 × tensor 2 within each",
                          D["h100"], None, (REST, 4, 2), ("vocab",), devices_per_n=8),
     "tpu-v5e-N":  Preset("a TPU v5e slice of N chips: FSDP N/2 × tensor 2", D["tpu-v5e"], None, (1, REST, 2),
