@@ -25,7 +25,7 @@ import numpy as np
 from chinchax_kernels import BlockSizes, flash_attention, reference, softmax_cross_entropy
 from tqdm import tqdm
 
-from chinchax import hardware
+from chinchax.parallel import hardware
 
 
 def peak_flops(device_kind: str) -> float | None:

@@ -4,7 +4,7 @@
 
 Both train the same shape (exact GELU, tied head, fp32) on the same random tokens; the table gives the
 median step time over --steps timed steps after warm-up, tokens/s, the ratio, and MFU against the fp32
-matmul peak measured by JAX in this same run (the detailed FLOPs count of chinchax.flops for both).
+matmul peak measured by JAX in this same run (the detailed FLOPs count of chinchax.model.flops for both).
 """
 
 import statistics
@@ -15,7 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from chinchax import config, flops, train
+from chinchax import config
+from chinchax.model import flops
+from chinchax.parallel import hardware
+from chinchax.training import train
 
 _D = flags.DEFINE_integer("d_model", 256, "Width.")
 _L = flags.DEFINE_integer("n_layers", 6, "Layers.")
@@ -106,10 +109,10 @@ def main(argv):
     tokens = tokens.astype(np.int32)
     per_step = _BATCH.value * _SEQ.value
     flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = flops.measure_matmul_peak()
+    peak = hardware.measure_matmul_peak()
     ours = time_chinchax(cfg, tokens)
     hf = time_hf(cfg, tokens)
-    peak_after = flops.measure_matmul_peak()
+    peak_after = hardware.measure_matmul_peak()
     peak = max(peak, peak_after)
     print(
         f"shape: d{_D.value} L{_L.value} h{_HEADS.value} seq {_SEQ.value} batch {_BATCH.value} "

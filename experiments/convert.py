@@ -16,7 +16,8 @@ import sys
 import jax
 from absl import app, flags
 
-from chinchax import checkpoint, hf
+from chinchax.evaluation import hf
+from chinchax.training import checkpoint
 
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Hugging Face checkpoint folder to import.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "Folder to export the run's checkpoint into.")

@@ -9,7 +9,7 @@ import pathlib
 
 from absl import app, flags
 
-from chinchax import coord_check
+from chinchax.scaling import coord_check
 
 _OUT = flags.DEFINE_string("out", "runs/coord_check", "Folder for coord_check.png and coord_check.json.")
 _WIDTHS = flags.DEFINE_list("widths", ["128", "256", "512", "1024"], "Model widths (multiples of 16).")

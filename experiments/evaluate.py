@@ -13,7 +13,9 @@ import sys
 
 from absl import app, flags, logging
 
-from chinchax import checkpoint, data, evaluate
+from chinchax import data
+from chinchax.evaluation import evaluate
+from chinchax.training import checkpoint
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory holding config.json and checkpoints/.", required=True

@@ -19,7 +19,9 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from chinchax import aot, config, dry_run  # noqa: E402
+from chinchax import config
+from chinchax.dryrun import aot
+from chinchax.dryrun import report as dry_run
 from chinchax.scaling.sweep import write_atomic  # noqa: E402
 from experiments import configs  # noqa: E402
 from experiments.configs import cerebras_gpt  # noqa: E402

@@ -10,8 +10,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from chinchax import aot, checkpoint, distributed, dry_run, train
 from chinchax import config as config_lib
+from chinchax.dryrun import aot
+from chinchax.dryrun import report as dry_run
+from chinchax.parallel import distributed
+from chinchax.training import checkpoint, train
 from experiments import configs
 
 

@@ -12,8 +12,9 @@ import time
 
 from absl import app, flags, logging
 
-from chinchax import checkpoint, sample
 from chinchax.data import DataError, get_tokenizer
+from chinchax.model import sample
+from chinchax.training import checkpoint
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory holding config.json and checkpoints/.", required=True

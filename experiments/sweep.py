@@ -18,8 +18,8 @@ import time
 
 from absl import app, flags
 
-from chinchax import mesh
 from chinchax.config import ConfigError
+from chinchax.parallel import mesh
 from chinchax.scaling import fit_io, launch, plan
 from chinchax.scaling import sweep as sweep_lib
 from experiments import configs

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 
 from chinchax import config as config_lib
-from chinchax import distributed
+from chinchax.parallel import distributed
 
 STEPS = 3
 MESH = (2, 2, 1)  # data × fsdp across both processes' 4 devices
@@ -91,7 +91,8 @@ def main(process_id: int, num_processes: int, port: int, out_dir: pathlib.Path, 
     import jax
     import orbax.checkpoint as ocp
 
-    from chinchax import mesh, train
+    from chinchax.parallel import mesh
+    from chinchax.training import train
 
     assert launch.mode == "explicit" and jax.process_count() == num_processes
     cfg = config(seed)

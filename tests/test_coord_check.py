@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from chinchax import coord_check
+from chinchax.scaling import coord_check
 
 WIDTHS = (128, 256, 512, 1024)
 

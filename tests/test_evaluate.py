@@ -9,7 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from chinchax import checkpoint, config, data, evaluate, model
+from chinchax import config, data
+from chinchax.evaluation import evaluate
+from chinchax.model import gpt
+from chinchax.training import checkpoint
 from tests.conftest import REPO
 
 WORDS = "the a river stone runs over under quiet green café naïve 東京 bright small house old".split()
@@ -36,7 +39,7 @@ def run_config(tokenizer: str, store_path) -> config.ml_collections.ConfigDict:
 
 
 def random_params(cfg, seed):
-    params = jax.jit(lambda key: model.init_params(cfg.model, key))(jax.random.key(seed))
+    params = jax.jit(lambda key: gpt.init_params(cfg.model, key))(jax.random.key(seed))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: x + 0.2 * rng.standard_normal(x.shape, np.float32), params)
 
@@ -44,7 +47,7 @@ def random_params(cfg, seed):
 def plain_nats(cfg, params, tokens: np.ndarray, seq_len: int) -> float:
     """Σ -log p(next token) over consecutive windows, from the dense logits in float64 numpy."""
     total = 0.0
-    forward = jax.jit(model.build(cfg.model).apply)
+    forward = jax.jit(gpt.build(cfg.model).apply)
     for start in range(0, len(tokens) - 1, seq_len):
         window = tokens[start : start + seq_len + 1]
         logits = np.asarray(forward({"params": params}, window[None, :-1]), np.float64)[0]

@@ -8,7 +8,9 @@ import sys
 import jax
 import pytest
 
-from chinchax import config, dry_run, flops, model
+from chinchax import config
+from chinchax.dryrun import report as dry_run
+from chinchax.model import flops, gpt
 from experiments import configs
 
 SEQ = 2048
@@ -98,7 +100,7 @@ def test_proxy_40m_matches_the_table(cerebras_reference):
 @pytest.mark.parametrize("name", ["cpu_tiny", "cpu_default", "cpu_small"])
 def test_initialised_tree_matches_the_count(name, cerebras_reference):
     cfg = config.validate(configs.get(name))
-    params = model.init_params(cfg.model, jax.random.key(1))
+    params = gpt.init_params(cfg.model, jax.random.key(1))
     count = sum(x.size for x in jax.tree.leaves(params))
     m = cfg.model
     assert (

@@ -3,11 +3,11 @@
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from chinchax import hf, model  # noqa: E402
+from chinchax.evaluation import hf
+from chinchax.model import gpt
 
 
 def random_hf_gpt2(seed: int, **shape):
@@ -41,13 +41,13 @@ def test_logits_match_hf_gpt2(shape):
     state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
     cfg = hf.model_config_from_hf(hf_model.config.to_dict())
     params = hf.params_from_hf(state, cfg)
-    assert jax.tree.structure(params) == jax.tree.structure(model.param_shapes(cfg)), (
+    assert jax.tree.structure(params) == jax.tree.structure(gpt.param_shapes(cfg)), (
         "converted tree differs from the model's"
     )
 
     tokens = np.random.default_rng(seed).integers(0, shape["vocab_size"], (3, shape["n_positions"]))
     with torch.no_grad():
         expected = hf_model(torch.from_numpy(tokens)).logits.numpy()
-    ours = np.asarray(model.build(cfg).apply({"params": params}, tokens.astype(np.int32)))
+    ours = np.asarray(gpt.build(cfg).apply({"params": params}, tokens.astype(np.int32)))
     assert np.abs(expected).max() > 1.0  # logits of a non-trivial scale
     np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0, err_msg=f"seed {seed}")

@@ -7,13 +7,14 @@ import sys
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from chinchax import config, hf, model  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
-from tests.test_hf_parity import random_hf_gpt2  # noqa: E402
+from chinchax import config
+from chinchax.evaluation import hf
+from chinchax.model import gpt
+from tests.conftest import REPO
+from tests.test_hf_parity import random_hf_gpt2
 
 SHAPE = dict(vocab_size=50257, n_positions=48, n_embd=4 * 16, n_layer=2, n_head=4)
 
@@ -28,7 +29,7 @@ def hf_logits(hf_model, tokens: np.ndarray) -> np.ndarray:
 
 
 def our_logits(cfg, params, tokens: np.ndarray) -> np.ndarray:
-    return np.asarray(model.build(cfg.model).apply({"params": params}, tokens.astype(np.int32)))
+    return np.asarray(gpt.build(cfg.model).apply({"params": params}, tokens.astype(np.int32)))
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "sharded_safetensors", "pytorch_bin"])
@@ -47,7 +48,7 @@ def test_import_gives_hf_logits(tmp_path, layout):
 
     cfg, params = hf.load_hf_folder(folder)
     assert cfg.data.tokenizer == "gpt2" and cfg.model.max_positions == SHAPE["n_positions"]
-    assert jax.tree.structure(params) == jax.tree.structure(model.param_shapes(cfg.model))
+    assert jax.tree.structure(params) == jax.tree.structure(gpt.param_shapes(cfg.model))
     tokens = np.random.default_rng(seed).integers(0, SHAPE["vocab_size"], (2, SHAPE["n_positions"]))
     expected = hf_logits(hf_model, tokens)
     assert np.abs(expected).max() > 1.0
@@ -58,7 +59,7 @@ def test_import_gives_hf_logits(tmp_path, layout):
 
 def random_sp_params(cfg, seed):
     """Fresh init with every parameter perturbed (biases and LayerNorms away from 0 and 1)."""
-    params = model.init_params(cfg.model, jax.random.key(seed))
+    params = gpt.init_params(cfg.model, jax.random.key(seed))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape, np.float32), params)
 
@@ -90,7 +91,7 @@ def test_export_refuses_mup(tmp_path):
         vocab_size=300, max_positions=16, d_model=32, n_layers=1, n_heads=2, parametrization="mup"
     )
     cfg.data.update(tokenizer="bytes", seq_len=16)
-    params = model.init_params(cfg.model, jax.random.key(0))
+    params = gpt.init_params(cfg.model, jax.random.key(0))
     with pytest.raises(hf.HFConversionError, match="μP"):
         hf.save_hf_folder(tmp_path / "out", cfg, params)
     assert not (tmp_path / "out").exists()

@@ -10,20 +10,20 @@ import shutil
 import subprocess
 import sys
 
+import accelerate  # noqa: F401  (lm-eval's hf model needs it)
+import lm_eval
 import numpy as np
 import pytest
+import torch
+import transformers
+from lm_eval.tasks import TaskManager
 
-lm_eval = pytest.importorskip("lm_eval")
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")  # lm-eval's hf model needs it
-
-from lm_eval.tasks import TaskManager  # noqa: E402
-
-from chinchax import checkpoint, hf, lm_eval_adapter  # noqa: E402
-from chinchax.data.tokenizers import gpt2_files  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
-from tests.test_hf_parity import random_hf_gpt2  # noqa: E402
+from chinchax import lm_eval_adapter
+from chinchax.data.tokenizers import gpt2_files
+from chinchax.evaluation import hf, lm_eval_model
+from chinchax.training import checkpoint
+from tests.conftest import REPO
+from tests.test_hf_parity import random_hf_gpt2
 
 WORDS = "the cat dog sat on a mat ran fast slow red blue green house tree river stone bird".split()
 TASKS = {
@@ -111,7 +111,7 @@ def test_chinchax_matches_hf_model_in_lm_eval(setup, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tasks = TaskManager(include_path=str(tmp / "tasks"))
     cfg, params = hf.load_hf_folder(tmp / "hf")
-    ours = run(lm_eval_adapter.ChinchaxLM(cfg=cfg, params=params, batch_size=4), tasks)
+    ours = run(lm_eval_model.ChinchaxLM(cfg=cfg, params=params, batch_size=4), tasks)
     theirs = run("hf", tasks, model_args=f"pretrained={tmp / 'hf'},dtype=float32", batch_size=4, device="cpu")
 
     for metric in ("acc,none", "acc_norm,none"):
@@ -167,7 +167,7 @@ def test_lm_eval_command_finds_the_registered_model(setup, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
     expected = lm_eval.simple_evaluate(
-        model=lm_eval_adapter.ChinchaxLM(cfg=cfg, params=params),
+        model=lm_eval_model.ChinchaxLM(cfg=cfg, params=params),
         tasks=["toy_mc"],
         task_manager=TaskManager(include_path=str(tmp / "tasks")),
         bootstrap_iters=0,
@@ -176,7 +176,7 @@ def test_lm_eval_command_finds_the_registered_model(setup, tmp_path):
 
 
 def test_registry_and_presets():
-    assert lm_eval.api.registry.get_model("chinchax") is lm_eval_adapter.ChinchaxLM
+    assert lm_eval.api.registry.get_model("chinchax") is lm_eval_model.ChinchaxLM
     argv = lm_eval_adapter.expand_presets(
         ["--model", "chinchax", "--tasks", "cerebras_gpt_5shot", "--limit", "3"]
     )
@@ -184,12 +184,12 @@ def test_registry_and_presets():
         "--model",
         "chinchax",
         "--tasks",
-        ",".join(lm_eval_adapter.CEREBRAS_GPT_TASKS),
+        ",".join(lm_eval_model.CEREBRAS_GPT_TASKS),
         "--num_fewshot",
         "5",
         "--limit",
         "3",
     ]
-    assert len(lm_eval_adapter.CEREBRAS_GPT_TASKS) == 7
+    assert len(lm_eval_model.CEREBRAS_GPT_TASKS) == 7
     with pytest.raises(ValueError, match="num_fewshot"):
         lm_eval_adapter.expand_presets(["--tasks=cerebras_gpt_0shot", "--num_fewshot=5"])

@@ -15,8 +15,10 @@ import sys
 import jax
 import pytest
 
-from chinchax import aot, hardware, memory_plan, mesh, model
 from chinchax.config import ConfigError, validate
+from chinchax.dryrun import aot
+from chinchax.model import gpt
+from chinchax.parallel import hardware, memory_plan, mesh
 from experiments import configs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -57,7 +59,7 @@ def _tiny(preset: str):
 def _expected_state_bytes(cfg, sizes: dict[str, int], vocab_split: str | None) -> int:
     """fp32 params + Adam μ and ν per device, counted parameter by parameter from SPLITS."""
     splits = {**SPLITS, "token_embed/embedding": (vocab_split, "fsdp")}
-    shapes = model.param_shapes(cfg.model)
+    shapes = gpt.param_shapes(cfg.model)
     flat = {"/".join(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
     assert flat.keys() == splits.keys()
     elements = sum(

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from chinchax import aot, flops, mesh, train
 from chinchax.config import ConfigError, d_ffn, validate
+from chinchax.dryrun import aot
+from chinchax.model import flops
+from chinchax.parallel import mesh
+from chinchax.training import train
 from experiments import configs
 
 # The sharding of every parameter of a Cerebras-GPT model, by preset. Weight streaming (cpu / wse-N) and the

@@ -1,6 +1,6 @@
 """Two processes on localhost (2 fake CPU devices each) train as one run: the same losses as one process.
 
-Each process joins through chinchax.distributed (jax.distributed.initialize), builds the (2, 2, 1) mesh over
+Each process joins through chinchax.parallel.distributed (jax.distributed.initialize), builds the (2, 2, 1) mesh over
 all 4 devices, feeds only its rows of each global batch (jax.make_array_from_process_local_data), and saves
 and restores the sharded state collectively with orbax. The reference is the same steps run unsharded on one
 device in this process. Then both processes run `train.train` into one workdir: only process 0 writes the
@@ -20,8 +20,9 @@ import multiprocess_worker as worker
 import numpy as np
 import pytest
 
-from chinchax import distributed, train
 from chinchax.config import ConfigError
+from chinchax.parallel import distributed
+from chinchax.training import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

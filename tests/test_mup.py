@@ -9,7 +9,8 @@ import optax
 import pytest
 from scipy import stats
 
-from chinchax import config, model, parametrization
+from chinchax import config, parametrization
+from chinchax.model import gpt
 from experiments import configs
 
 # std of a unit normal truncated at ±2 (the init has no variance correction)
@@ -38,7 +39,7 @@ def test_mup_init_std_per_role(size, depth, cerebras_reference):
     if depth:
         cfg.model.n_layers = depth
     cfg.model.vocab_size = 4096  # the embedding's std does not depend on the vocabulary
-    params = model.init_params(cfg.model, jax.random.key(np.random.SeedSequence().entropy % 2**31))
+    params = gpt.init_params(cfg.model, jax.random.key(np.random.SeedSequence().entropy % 2**31))
     expected = {
         "embedding": mup["sigma_base"],
         "hidden": ref["hidden_init_std"],
@@ -58,7 +59,7 @@ def test_sp_init_std_per_role(cerebras_reference):
     ref = next(p for p in cerebras_reference["sp"] if p["name"] == "111M")
     cfg = configs.get("chinchilla_111m")
     cfg.model.vocab_size = 4096
-    params = model.init_params(cfg.model, jax.random.key(3))
+    params = gpt.init_params(cfg.model, jax.random.key(3))
     for role, sigma in [("embedding", 0.02), ("hidden", 0.02), ("out_proj", ref["out_proj_init_std"])]:
         for path in ROLE_PARAMS[role]:
             assert leaf(params, path).std() == pytest.approx(sigma * TRUNCATED_STD, rel=0.02), path
@@ -99,7 +100,7 @@ def test_mup_forward_multipliers_in_effect(width, cerebras_reference):
     cfg.model.update(parametrization="mup", d_model=width, n_heads=width // 32, init_std=0.08)
     config.validate(cfg)
     rng = np.random.default_rng()
-    params = model.init_params(cfg.model, jax.random.key(int(rng.integers(2**31))))
+    params = gpt.init_params(cfg.model, jax.random.key(int(rng.integers(2**31))))
     # perturb every parameter (biases and norms included) so that no term is trivially zero or one
     params = jax.tree.map(lambda a: a + 0.05 * rng.standard_normal(a.shape, np.float32), params)
     tokens = rng.integers(0, cfg.model.vocab_size, (2, 48)).astype(np.int32)
@@ -112,7 +113,7 @@ def test_mup_forward_multipliers_in_effect(width, cerebras_reference):
         attention_scale=1 / 32,
         logit_mult=mup["output_alpha"] / m,
     )
-    ours = model.build(cfg.model).apply({"params": params}, tokens)
+    ours = gpt.build(cfg.model).apply({"params": params}, tokens)
     np.testing.assert_allclose(ours, expected, atol=2e-5 * np.abs(expected).max(), rtol=1e-4)
     sp_like = hand_written_forward(
         params, tokens, d_head=32, embedding_mult=1.0, attention_scale=32**-0.5, logit_mult=1.0
@@ -125,7 +126,7 @@ def test_lr_multipliers_per_role(cerebras_reference):
     for ref in mup["models"]:
         cfg = configs.get(f"mup_{ref['name'].lower()}")
         cfg.model.update(n_layers=1, vocab_size=64, max_positions=8)
-        shapes = model.param_shapes(cfg.model)
+        shapes = gpt.param_shapes(cfg.model)
         updates = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), shapes)
         transform = parametrization.lr_multipliers(cfg.model, shapes)
         scaled, _ = transform.update(updates, transform.init(updates), updates)
@@ -136,7 +137,7 @@ def test_lr_multipliers_per_role(cerebras_reference):
         assert float(scaled["ln_f"]["scale"].max()) == 1.0
     sp = configs.get("chinchilla_111m").model
     sp.update(n_layers=1, vocab_size=64, max_positions=8)
-    shapes = model.param_shapes(sp)
+    shapes = gpt.param_shapes(sp)
     transform = parametrization.lr_multipliers(sp, shapes)
     ones = jax.tree.map(lambda s: jnp.ones(s.shape), shapes)
     assert all(
@@ -147,7 +148,7 @@ def test_lr_multipliers_per_role(cerebras_reference):
 
 def test_weight_decay_mask_spares_biases_and_norms():
     cfg = configs.get("cpu_tiny")
-    mask = parametrization.weight_decay_mask(cfg.model, model.param_shapes(cfg.model))
+    mask = parametrization.weight_decay_mask(cfg.model, gpt.param_shapes(cfg.model))
     assert mask["token_embed"]["embedding"] and mask["position_embed"]
     assert mask["blocks"]["qkv"]["kernel"] and mask["blocks"]["fc2"]["kernel"]
     assert not mask["blocks"]["qkv"]["bias"] and not mask["blocks"]["ln_2"]["scale"]

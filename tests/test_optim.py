@@ -6,11 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-
-from chinchax import config, model, optim, parametrization  # noqa: E402
-from experiments import configs  # noqa: E402
+from chinchax import config, parametrization
+from chinchax.model import gpt
+from chinchax.training import optim
+from experiments import configs
 
 
 def tiny(parametrization_name="mup", decay="cosine"):
@@ -73,7 +74,7 @@ def test_schedule_is_in_tokens_across_a_batch_ramp():
 def test_updates_match_torch_adamw_with_param_groups(parametrization_name):
     cfg = tiny(parametrization_name)
     rng = np.random.default_rng()
-    params = model.init_params(cfg.model, jax.random.key(int(rng.integers(2**31))))
+    params = gpt.init_params(cfg.model, jax.random.key(int(rng.integers(2**31))))
     leaves, treedef = jax.tree.flatten(params)
     roles = jax.tree.leaves(parametrization.param_roles(params))
     rules = parametrization.rules(cfg.model)

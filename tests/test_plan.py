@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from chinchax import flops
+from chinchax.model import flops
 from chinchax.scaling import fit, plan
 from experiments import configs
 from tests.conftest import REPO

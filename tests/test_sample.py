@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from chinchax import checkpoint, config, model, sample
+from chinchax import config
+from chinchax.model import gpt, sample
+from chinchax.training import checkpoint
 from tests.conftest import REPO
 
 
@@ -25,7 +27,7 @@ def tiny_model(vocab_size=211, max_positions=96):
 
 def random_params(cfg, seed, scale=0.3):
     """Fresh init plus N(0, scale) on every parameter, so greedy decoding does not collapse to one token."""
-    params = jax.jit(lambda key: model.init_params(cfg, key))(jax.random.key(seed))  # eager init is slow
+    params = jax.jit(lambda key: gpt.init_params(cfg, key))(jax.random.key(seed))  # eager init is slow
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape, np.float32), params)
 
@@ -35,11 +37,11 @@ def test_cached_decoding_gives_the_full_forward_logits():
     cfg = tiny_model()
     params = random_params(cfg, seed)
     tokens = np.random.default_rng(seed).integers(0, cfg.vocab_size, (2, 37)).astype(np.int32)
-    full = np.asarray(model.build(cfg).apply({"params": params}, tokens))
+    full = np.asarray(gpt.build(cfg).apply({"params": params}, tokens))
 
-    decoder = model.build(cfg, decode=True)
+    decoder = gpt.build(cfg, decode=True)
     step = jax.jit(lambda cache, t: decoder.apply({"params": params, "cache": cache}, t, mutable=["cache"]))
-    cache = model.init_cache(cfg, batch=2, length=48)
+    cache = gpt.init_cache(cfg, batch=2, length=48)
     pieces = []
     for start, stop in [(0, 11), *((t, t + 1) for t in range(11, 37))]:  # a prompt, then one token at a time
         logits, variables = step(cache, tokens[:, start:stop])
@@ -63,7 +65,7 @@ def test_greedy_with_cache_equals_without():
     assert len(cached[0]) == 50 and cached[0] == cached[1]
 
     full = prompt + cached[0]  # each greedy token is the argmax of the plain forward pass
-    logits = np.asarray(model.build(cfg).apply({"params": params}, np.array([full], np.int32)))[0]
+    logits = np.asarray(gpt.build(cfg).apply({"params": params}, np.array([full], np.int32)))[0]
     np.testing.assert_array_equal(logits[len(prompt) - 1 : -1].argmax(-1), cached[0])
 
 
@@ -108,7 +110,7 @@ def test_sampled_first_tokens_follow_the_model_distribution():
     sampling = sample.Sampling(temperature=1.0, top_p=0.9)
     draws = sample.generate(cfg, params, prompt, 1, sampling, seed=seed, num_samples=4000)
     counts = np.bincount([d[0] for d in draws], minlength=23)
-    logits = np.asarray(model.build(cfg).apply({"params": params}, np.array([prompt], np.int32)))[0, -1]
+    logits = np.asarray(gpt.build(cfg).apply({"params": params}, np.array([prompt], np.int32)))[0, -1]
     expected = reference_probs(logits, 1.0, 0, 0.9) * 4000
     assert counts[expected == 0].sum() == 0  # nothing outside the nucleus
     chi2 = ((counts - expected)[expected > 0] ** 2 / expected[expected > 0]).sum()

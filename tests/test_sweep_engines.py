@@ -15,7 +15,7 @@ import time
 import pytest
 import ray
 
-from chinchax import mesh
+from chinchax.parallel import mesh
 from chinchax.scaling import launch, plan
 from chinchax.scaling import sweep as sweep_lib
 from experiments.configs import sweeps

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from chinchax import checkpoint, config, train
+from chinchax import config
+from chinchax.training import checkpoint, train
 from experiments import configs
 
 STEPS = 24

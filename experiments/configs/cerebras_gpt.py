@@ -27,7 +27,7 @@ MUP_PEAK_LR = 6e-3  # η_base
 MUP_INIT_STD = 0.08  # σ_base
 
 # How the published points run on their pods: bf16 matmuls (fp32 params, softmax and loss), remat and
-# microbatches chosen per mesh to fit the device (chinchax.memory_plan).
+# microbatches chosen per mesh to fit the device (chinchax.parallel.memory_plan).
 POD_RUN = {"compute_dtype": "bfloat16", "remat": "auto"}
 
 # The pods each published point is planned on (experiments.plan --pods): one 8×H100 node, Andromeda-like

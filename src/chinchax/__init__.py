@@ -1,3 +1,17 @@
-"""chinchax: compute-optimal scaling studies in JAX (the Cerebras-GPT recipe and beyond)."""
+"""chinchax: compute-optimal scaling studies in JAX (the Cerebras-GPT recipe and beyond).
+
+The folders, bottom to top; each may import only those above it in this list (its `__init__` says so):
+
+    config.py, parametrization.py   the config schema; SP / μP as one table
+    data/                           tokenizers, corpora, the token store, the grain loader
+    model/                          the GPT, FLOP counts, KV-cache sampling
+    parallel/                       devices, presets, the mesh and its rules, multi-host, the memory plan
+    scaling/                        planning, law fits, sweeps and their launchers, the coordinate check
+    training/                       optimizer, state, the step and loop, checkpoints, metrics
+    dryrun/                         the dry-run report and the AOT compile of the real step
+    evaluation/                     held-out loss, the lm-eval model, HF import / export
+
+`lm_eval_adapter.py` is the lm-eval command (`python -m chinchax.lm_eval_adapter`).
+"""
 
 __version__ = "0.1.0"

@@ -59,8 +59,8 @@ SCHEMA: dict[str, tuple[object, str]] = {
     "train.checkpoint_every": (500, "Steps between checkpoints; one is always written at the end."),
     "train.keep_checkpoints": (3, "Newest checkpoints kept in workdir/checkpoints."),
     "train.peak_flops_per_device": (0.0, "Peak FLOP/s per device for MFU; 0: the device table, or measured on CPU."),
-    # The device mesh (chinchax.mesh): a cluster preset, optionally with its axis sizes overridden.
-    "mesh.preset": ("cpu", "Cluster preset (chinchax.mesh.PRESETS): cpu, gpu-8, gpu-h200-8, gpu-a100-8, gpu-8xN, tpu-v5e-N, tpu-v5p-N, tpu-v4-N, wse-N."),
+    # The device mesh (chinchax.parallel.mesh): a cluster preset, optionally with its axis sizes overridden.
+    "mesh.preset": ("cpu", "Cluster preset (chinchax.parallel.mesh.PRESETS): cpu, gpu-8, gpu-h200-8, gpu-a100-8, gpu-8xN, tpu-v5e-N, tpu-v5p-N, tpu-v4-N, wse-N."),
     "mesh.data": (0, "Replicas on the 'data' mesh axis; 0 keeps the preset's size."),
     "mesh.fsdp": (0, "Parameter/optimizer-state shards on the 'fsdp' axis (weight streaming); 0: the preset's."),
     "mesh.tensor": (0, "Tensor-parallel shards (heads, mlp) on the 'tensor' axis; 0 keeps the preset's size."),

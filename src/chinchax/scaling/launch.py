@@ -205,7 +205,7 @@ def run_local(
 
 
 def ray_resources(preset) -> dict[str, float]:
-    """A point's Ray resources from its mesh preset (chinchax.mesh.Preset): the preset's GPUs or TPUs, or one
+    """A point's Ray resources from its mesh preset (chinchax.parallel.mesh.Preset): the preset's GPUs or TPUs, or one
     CPU for a CPU preset."""
     platform = preset.device.platform
     if platform == "cpu":

@@ -3,7 +3,7 @@
 A planned point is a base scale point (a name `experiments.run --config=` takes) plus `--config.a.b=v`
 overrides. Shapes follow Cerebras-GPT: a fixed head width, d_model a multiple of it, and d_model / n_layers
 near the family's aspect ratio (its small members sit at ≈ 77: 768/10 and 1088/14). For a budget C the planner
-counts parameters and FLOPs per token exactly (chinchax.flops) for every candidate shape, picks the one whose
+counts parameters and FLOPs per token exactly (chinchax.model.flops) for every candidate shape, picks the one whose
 allocation matches C best, and trains it for C / flops_per_token tokens (whole steps), so the point's FLOPs
 equal the budget while tokens per parameter land near the target.
 """
@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 import ml_collections
 
 from chinchax import config as config_lib
-from chinchax import flops
+from chinchax.model import flops
 from chinchax.scaling import fit
 
 # d_model / n_layers of Cerebras-GPT 111M (768/10) and 256M (1088/14), the family's smallest members.
@@ -136,7 +136,7 @@ def _check_budget(budget: float, count: str) -> None:
 
 
 def _with_shape(base: ml_collections.ConfigDict, shape: Shape) -> types.SimpleNamespace:
-    """The base model fields with the shape's (a plain namespace: the counts in chinchax.flops read attributes)."""
+    """The base model fields with the shape's (a plain namespace: the counts in chinchax.model.flops read attributes)."""
     fields = base.model.to_dict()
     fields.update(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads)
     return types.SimpleNamespace(**fields)

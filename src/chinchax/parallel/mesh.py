@@ -22,8 +22,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from chinchax import hardware, model
 from chinchax.config import ConfigError
+from chinchax.model import gpt
+from chinchax.parallel import hardware
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the mesh axes a batch is split over
@@ -149,7 +150,7 @@ def _axes_size(mesh: Mesh | AbstractMesh, axes: str | tuple[str, ...] | None) ->
 
 def param_specs(cfg: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh) -> dict:
     """The PartitionSpec of every parameter; ConfigError when a dimension does not divide its mesh axes."""
-    logical = model.logical_axes(cfg.model)
+    logical = gpt.logical_axes(cfg.model)
     specs = nn.logical_to_mesh(logical, rules(cfg.mesh))
 
     def check(path, spec, names, shape):
@@ -164,7 +165,7 @@ def param_specs(cfg: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh) -> di
 
     is_spec = lambda x: isinstance(x, PartitionSpec)
     return jax.tree_util.tree_map_with_path(
-        check, specs, logical, model.param_shapes(cfg.model), is_leaf=is_spec
+        check, specs, logical, gpt.param_shapes(cfg.model), is_leaf=is_spec
     )
 
 
@@ -195,7 +196,7 @@ def state_shardings(cfg: ml_collections.ConfigDict, mesh: Mesh, state_shapes):
     leaf (step, optax's count) is replicated explicitly, as an Auto mesh needs."""
     by_path = {}
     shardings = param_shardings(cfg, mesh)
-    shapes = model.param_shapes(cfg.model)
+    shapes = gpt.param_shapes(cfg.model)
     for (path, sharding), shape in zip(
         jax.tree_util.tree_leaves_with_path(shardings), jax.tree.leaves(shapes), strict=True
     ):

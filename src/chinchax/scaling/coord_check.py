@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from chinchax import config, model, parametrization
+from chinchax import config, parametrization
+from chinchax.model import gpt
 
 ACTIVATIONS = ("embedding", "attention_logits", "block_output", "logits")
 
@@ -33,7 +34,7 @@ def small_model(parametrization_name: str, width: int, *, d_head: int = 16, laye
 
 def activation_scales(model_cfg, params, tokens) -> dict[str, jax.Array]:
     """Mean |activation| of each watched activation (attention logits averaged over layers, last block)."""
-    _, state = model.build(model_cfg).apply({"params": params}, tokens, mutable=["intermediates"])
+    _, state = gpt.build(model_cfg).apply({"params": params}, tokens, mutable=["intermediates"])
     inter = state["intermediates"]
     return {
         "embedding": inter["embedding"][0],
@@ -52,15 +53,15 @@ def run(
     results = {}
     for width in widths:
         cfg = small_model(parametrization_name, width, d_head=d_head)
-        params = model.init_params(cfg, jax.random.key(seed))
+        params = gpt.init_params(cfg, jax.random.key(seed))
         optimizer = optax.chain(optax.adam(lr), parametrization.lr_multipliers(cfg, params))
         state = optimizer.init(params)
-        gpt = model.build(cfg)
+        net = gpt.build(cfg)
 
         @jax.jit
-        def step(params, state, gpt=gpt, optimizer=optimizer):
+        def step(params, state, net=net, optimizer=optimizer):
             def loss(p):
-                logits = gpt.apply({"params": p}, tokens[:, :-1])
+                logits = net.apply({"params": p}, tokens[:, :-1])
                 return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
 
             grads = jax.grad(loss)(params)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from chinchax import model as model_lib
+from chinchax.model import gpt
 
 MIN_BUCKET = 16
 
@@ -66,7 +66,7 @@ def next_token(logits: jax.Array, sampling: Sampling, rng: jax.Array) -> jax.Arr
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _cached_step(model, sampling, params, cache, tokens, last, rng):
     """Feeds `tokens` (batch, n) to the cache; samples from the logits at index `last` of them."""
-    logits, variables = model_lib.build(model, decode=True).apply(
+    logits, variables = gpt.build(model, decode=True).apply(
         {"params": params, "cache": cache}, tokens, mutable=["cache"]
     )
     return next_token(logits[:, last], sampling, rng), variables["cache"]
@@ -75,7 +75,7 @@ def _cached_step(model, sampling, params, cache, tokens, last, rng):
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _uncached_step(model, sampling, params, buffer, last, rng):
     """Reruns the model on the whole buffer; samples from the logits at position `last`."""
-    logits = model_lib.build(model).apply({"params": params}, buffer)
+    logits = gpt.build(model).apply({"params": params}, buffer)
     return next_token(logits[:, last], sampling, rng)
 
 
@@ -114,7 +114,7 @@ def generate(
     rngs = jax.random.split(jax.random.key(seed), max_new_tokens)
     length = _bucket(total, model.max_positions)
     if use_cache:
-        cache = model_lib.init_cache(model, num_samples, length)
+        cache = gpt.init_cache(model, num_samples, length)
         first = np.zeros((num_samples, _bucket(len(prompt), length)), np.int32)
         first[:, : len(prompt)] = prompt
         token, cache = _cached_step(frozen, sampling, params, cache, first, len(prompt) - 1, rngs[0])

@@ -12,7 +12,6 @@ import dataclasses
 
 import ml_collections
 
-from chinchax import hardware
 from chinchax.config import d_ffn, steps_for, train_tokens
 
 
@@ -79,34 +78,3 @@ def plan(cfg: ml_collections.ConfigDict) -> Plan:
         train_flops=float(tokens) * per_token,
         tokens_per_param=tokens / params,
     )
-
-
-def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of the best of `repeats` jitted fp32 size×size matmuls on the default device."""
-    import time
-
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
-    """(FLOP/s, where it came from): configured, else the device table (chinchax.hardware), else measured."""
-    import jax
-
-    if configured > 0:
-        return configured, "configured"
-    kind = jax.devices()[0].device_kind
-    device = hardware.by_kind(kind)
-    if device is not None and device.peak_flops:
-        return device.peak_flops, f"table ({device.source})"
-    return measure_matmul_peak(), f"measured fp32 matmul ({kind})"

@@ -21,8 +21,9 @@ import math
 import jax
 import ml_collections
 
-from chinchax import hardware, mesh, model
 from chinchax.config import AUTO, REMATS, ConfigError, batch_schedule, d_ffn
+from chinchax.model import gpt
+from chinchax.parallel import hardware, mesh
 
 MARGIN = 0.10  # of device memory kept free for the runtime, fragmentation and what the model leaves out
 FP32 = 4
@@ -74,7 +75,7 @@ def param_shard_elements(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) 
     """Parameter elements one device holds on a mesh of these axis sizes (by the logical-axis rules)."""
     abstract = mesh.abstract_mesh(cfg.mesh, math.prod(sizes.values()))
     specs = mesh.param_specs(cfg, abstract)
-    shapes = model.param_shapes(cfg.model)
+    shapes = gpt.param_shapes(cfg.model)
     total = 0
     for spec, shape in zip(mesh.leaves(specs), mesh.leaves(shapes), strict=True):
         axes = tuple(spec) + (None,) * (len(shape.shape) - len(spec))

@@ -9,6 +9,10 @@ MFU is quoted against; a CPU's peak is measured on the machine at hand.
 from __future__ import annotations
 
 import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
 
 GiB = 2**30
 
@@ -65,3 +69,27 @@ def host_memory_per_device(local_devices: int) -> int:
     with open("/proc/meminfo") as f:
         fields = dict(line.split(":", 1) for line in f)
     return int(fields["MemAvailable"].split()[0]) * 1024 // max(1, local_devices)
+
+
+def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` jitted fp32 size×size matmuls on the default device."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
+    """(FLOP/s, where it came from): configured, else the device table (chinchax.parallel.hardware), else measured."""
+    if configured > 0:
+        return configured, "configured"
+    kind = jax.devices()[0].device_kind
+    device = by_kind(kind)
+    if device is not None and device.peak_flops:
+        return device.peak_flops, f"table ({device.source})"
+    return measure_matmul_peak(), f"measured fp32 matmul ({kind})"

@@ -8,7 +8,8 @@ import flax.struct
 import jax
 import ml_collections
 
-from chinchax import flops, model, optim
+from chinchax.model import flops, gpt
+from chinchax.training import optim
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -40,4 +41,4 @@ def new_state(cfg: ml_collections.ConfigDict, params, tokens: int | None = None)
 
 def init_state(cfg: ml_collections.ConfigDict, rng: jax.Array, tokens: int | None = None) -> TrainState:
     """Step 0 with freshly initialised params."""
-    return new_state(cfg, model.init_params(cfg.model, rng), tokens)
+    return new_state(cfg, gpt.init_params(cfg.model, rng), tokens)

@@ -23,10 +23,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from chinchax import checkpoint, data, flops, memory_plan, mesh, model, optim, parametrization
+from chinchax import data, parametrization
 from chinchax.config import batch_size_at, flatten, microbatch_size, tokens_before
-from chinchax.metrics import RunLog
-from chinchax.train_state import TrainState, init_state, optimizer, total_tokens
+from chinchax.model import flops, gpt
+from chinchax.parallel import hardware, memory_plan, mesh
+from chinchax.training import checkpoint, optim
+from chinchax.training.metrics import RunLog
+from chinchax.training.state import TrainState, init_state, optimizer, total_tokens
 
 __all__ = ["TrainState", "init_state", "make_train_step", "train"]
 
@@ -35,20 +38,20 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (diverged, or too large for this host)."""
 
 
-IGNORE = -1  # the target of a padding sequence (mesh.pad_rows): it carries no loss and no gradient
+IGNORE = -1  # the target of a padding sequence (train._global_batch): it carries no loss and no gradient
 
 
 def loss_fn(cfg: ml_collections.ConfigDict):
     """(params, inputs, targets) → (next-token cross-entropy summed over the targets that are not IGNORE, in
     fp32 nats, and how many there are)."""
-    gpt = model.build(cfg.model)
+    net = gpt.build(cfg.model)
     logit_scale = parametrization.forward_multipliers(cfg.model).logits
 
     def loss(params, inputs, targets):
         real = targets != IGNORE
         labels = jnp.where(real, targets, 0)
         if cfg.model.loss == "chunked":
-            hidden = gpt.apply({"params": params}, inputs, method=model.GPT.features)
+            hidden = net.apply({"params": params}, inputs, method=gpt.GPT.features)
             per_token = chinchax_kernels.softmax_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]),
                 params["token_embed"]["embedding"],
@@ -56,7 +59,7 @@ def loss_fn(cfg: ml_collections.ConfigDict):
                 logit_scale=logit_scale,
             ).reshape(labels.shape)
         else:
-            logits = gpt.apply({"params": params}, inputs)
+            logits = net.apply({"params": params}, inputs)
             per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return jnp.sum(jnp.where(real, per_token.astype(jnp.float32), 0.0)), jnp.sum(real)
 
@@ -74,7 +77,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
     """
     loss = loss_fn(cfg)
     tokens = tokens or total_tokens(cfg)
-    opt = optimizer(cfg, model.param_shapes(cfg.model), tokens)
+    opt = optimizer(cfg, gpt.param_shapes(cfg.model), tokens)
     lr = optim.learning_rate(cfg, tokens)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -201,7 +204,7 @@ def train(
     state = found[1] if found else mesh.init_sharded_state(cfg, devices, init, rng, target)
     start = int(state.step)
     eval_step = make_eval_step(cfg, devices)
-    peak, peak_source = flops.peak_flops_per_device(cfg.train.peak_flops_per_device)
+    peak, peak_source = hardware.peak_flops_per_device(cfg.train.peak_flops_per_device)
     peak *= jax.device_count()
     log = RunLog(workdir, plan.steps, start, show_progress)
     log.note(f"step: {choice.reason}")

@@ -12,7 +12,7 @@ import sys
 import tensorboardX
 import tqdm
 
-from chinchax import distributed
+from chinchax.parallel import distributed
 
 
 def atomic_write_json(path: pathlib.Path, obj: dict) -> None:

@@ -5,7 +5,7 @@ The state and batch enter as jax.ShapeDtypeStructs carrying their shardings, so 
 (cost_analysis). XLA's cost analysis counts the body of a while loop once, and the layers run as a scan (a
 while loop of n_layers trips, forward and backward), so its FLOP count is per device and per *one* layer;
 `hlo_matmul_flops` reads the compiled HLO instead and multiplies every dot by the known trip counts of the
-loops around it, which is comparable with the analytic count (chinchax.flops also counts matmuls only).
+loops around it, which is comparable with the analytic count (chinchax.model.flops also counts matmuls only).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from chinchax import flops, train
-from chinchax import mesh as mesh_lib
 from chinchax.config import ConfigError, microbatch_size
+from chinchax.model import flops
+from chinchax.parallel import mesh as mesh_lib
+from chinchax.training import train
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \((.*)\) -> .* \{$")
 _PARAM = re.compile(r"(\S+): \w+\[([\d,]*)\]")

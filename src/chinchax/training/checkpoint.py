@@ -21,7 +21,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from chinchax import config as config_lib
-from chinchax import distributed, train_state
+from chinchax.parallel import distributed
+from chinchax.training import state as train_state
 
 
 class CheckpointError(RuntimeError):

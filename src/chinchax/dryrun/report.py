@@ -1,7 +1,7 @@
 """The dry-run plan of a config: what a run would cost, computed without allocating anything on devices.
 
-The plan resolves 'auto' microbatches and remat for the preset's mesh (chinchax.memory_plan) and gives the
-analytic per-device memory; `add_xla` puts XLA's memory analysis of the compiled step (chinchax.aot) beside it.
+The plan resolves 'auto' microbatches and remat for the preset's mesh (chinchax.parallel.memory_plan) and gives the
+analytic per-device memory; `add_xla` puts XLA's memory analysis of the compiled step (chinchax.dryrun.aot) beside it.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ import math
 import jax
 import ml_collections
 
-from chinchax import flops, memory_plan, mesh, model
+from chinchax.model import flops, gpt
+from chinchax.parallel import memory_plan, mesh
 
 GiB = 2**30
 
 
 def tree_param_count(model_cfg: ml_collections.ConfigDict) -> int:
     """Elements of the parameter tree, from jax.eval_shape (no allocation)."""
-    shapes = model.param_shapes(model_cfg)
+    shapes = gpt.param_shapes(model_cfg)
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from chinchax import data, parametrization
-from chinchax import model as model_lib
+from chinchax.model import gpt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class SplitMetrics:
 @functools.partial(jax.jit, static_argnums=0)
 def _summed_nats(model, params, inputs, targets, mask):
     """Σ cross-entropy (nats, fp32) over the masked target tokens of a (batch, seq_len) window batch."""
-    hidden = model_lib.build(model).apply({"params": params}, inputs, method=model_lib.GPT.features)
+    hidden = gpt.build(model).apply({"params": params}, inputs, method=gpt.GPT.features)
     per_token = chinchax_kernels.softmax_cross_entropy(
         hidden.reshape(-1, hidden.shape[-1]),
         params["token_embed"]["embedding"],

@@ -1,0 +1,6 @@
+"""Training: the optax chain and schedule (`optim`), the train state (`state`), the train step and loop
+(`train`), orbax checkpoints (`checkpoint`), metrics and summaries (`metrics`).
+
+May import: chinchax.config, chinchax.parametrization, chinchax.data, chinchax.model, chinchax.parallel,
+chinchax.scaling.
+"""
