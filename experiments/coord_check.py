@@ -9,6 +9,7 @@ import pathlib
 
 from absl import app, flags
 
+from chinchax import atomic
 from chinchax.scaling import coord_check
 
 _OUT = flags.DEFINE_string("out", "runs/coord_check", "Folder for coord_check.png and coord_check.json.")
@@ -31,9 +32,7 @@ def main(argv):
     coord_check.plot(results, str(plot_path))
     summary = {name: coord_check.spread(r) for name, r in results.items()}
     summary["plot"] = str(plot_path)
-    tmp = out / "coord_check.json.tmp"
-    tmp.write_text(json.dumps({"summary": summary, "results": results}, indent=1))
-    tmp.replace(out / "coord_check.json")
+    atomic.write_json(out / "coord_check.json", {"summary": summary, "results": results}, indent=1)
     for name in ("sp", "mup"):
         print(
             f"{name:4s} spread across widths: " + ", ".join(f"{k} {v:.2f}×" for k, v in summary[name].items())

@@ -19,10 +19,9 @@ import time  # noqa: E402
 from absl import app, flags  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from chinchax import config
+from chinchax import atomic, config
 from chinchax.dryrun import aot
 from chinchax.dryrun import report as dry_run
-from chinchax.scaling.sweep import write_atomic  # noqa: E402
 from experiments import configs  # noqa: E402
 from experiments.configs import cerebras_gpt  # noqa: E402
 
@@ -123,7 +122,7 @@ def pods_table(names: list[str]) -> None:
             raise config.ConfigError(f"{path} has no pod-table markers: {MARKERS[0]} … {MARKERS[1]}")
         head, rest = text.split(MARKERS[0])
         tail = rest.split(MARKERS[1])[1]
-        write_atomic(path, f"{head}{MARKERS[0]}\n{markdown(rows)}\n{MARKERS[1]}{tail}")
+        atomic.write_text(path, f"{head}{MARKERS[0]}\n{markdown(rows)}\n{MARKERS[1]}{tail}")
 
 
 def main(argv):

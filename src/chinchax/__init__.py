@@ -3,6 +3,7 @@
 The folders, bottom to top; each may import only those above it in this list (its `__init__` says so):
 
     config.py, parametrization.py   the config schema; SP / μP as one table
+    atomic.py                       write-then-rename, for every file a run or a sweep writes
     data/                           tokenizers, corpora, the token store, the grain loader
     model/                          the GPT, FLOP counts, KV-cache sampling
     parallel/                       devices, presets, the mesh and its rules, multi-host, the memory plan

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 import chinchax
+from chinchax import atomic
 from chinchax.data.corpora import Corpus, Skips, open_corpus
 from chinchax.data.errors import DataError
 from chinchax.data.store import (
@@ -29,7 +30,6 @@ from chinchax.data.store import (
     SPLITS,
     TokenArrayWriter,
     read_manifest,
-    write_json_atomic,
 )
 from chinchax.data.tokenizers import Tokenizer, get_tokenizer
 
@@ -241,7 +241,7 @@ def prepare(
                 "tokens_per_s": round(tokens / seconds),
             },
         }
-        write_json_atomic(partial / MANIFEST, manifest)
+        atomic.write_json(partial / MANIFEST, manifest)
         try:
             os.rename(partial, path)
         except OSError:

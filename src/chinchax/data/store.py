@@ -86,13 +86,6 @@ class TokenArrayWriter:
         return self.tokens
 
 
-def write_json_atomic(path: pathlib.Path, obj: dict) -> None:
-    """Writes `obj` as JSON to `path` through a temp file in the same folder and os.replace."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def read_manifest(path: pathlib.Path) -> dict:
     """The manifest of the store at `path`; DataError when there is no complete, readable store there."""
     path = pathlib.Path(path)

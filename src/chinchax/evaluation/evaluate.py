@@ -17,15 +17,13 @@ import functools
 import math
 import os
 
-import chinchax_kernels
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from chinchax import data, parametrization
-from chinchax.model import gpt
+from chinchax import data
+from chinchax.model import loss as loss_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,16 +39,9 @@ class SplitMetrics:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _summed_nats(model, params, inputs, targets, mask):
-    """Σ cross-entropy (nats, fp32) over the masked target tokens of a (batch, seq_len) window batch."""
-    hidden = gpt.build(model).apply({"params": params}, inputs, method=gpt.GPT.features)
-    per_token = chinchax_kernels.softmax_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]),
-        params["token_embed"]["embedding"],
-        targets.reshape(-1),
-        logit_scale=parametrization.forward_multipliers(model).logits,
-    )
-    return jnp.sum(jnp.where(mask.reshape(-1), per_token, 0.0))
+def _summed_nats(model, params, inputs, targets):
+    """Σ cross-entropy (nats, fp32) over the target tokens that are not IGNORE of a (batch, seq_len) batch."""
+    return loss_lib.summed_cross_entropy(model, head="chunked")(params, inputs, targets)[0]
 
 
 class _ByteCounter:
@@ -125,10 +116,9 @@ def evaluate_split(
         bytes_counter.feed(chunk[1:])
         padded = np.zeros(window_tokens + 1, np.int32)
         padded[: chunk.size] = chunk
-        mask = np.arange(window_tokens) < chunk.size - 1
+        targets = np.where(np.arange(window_tokens) < chunk.size - 1, padded[1:], loss_lib.IGNORE)
         inputs = padded[:-1].reshape(batch_size, seq_len)
-        targets = padded[1:].reshape(batch_size, seq_len)
-        nats += float(_summed_nats(model, params, inputs, targets, mask.reshape(batch_size, seq_len)))
+        nats += float(_summed_nats(model, params, inputs, targets.reshape(batch_size, seq_len)))
     text_bytes = bytes_counter.finish()
     loss = nats / predicted
     return SplitMetrics(

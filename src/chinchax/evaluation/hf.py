@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import safetensors.numpy
 
+from chinchax import atomic
 from chinchax import config as config_lib
 from chinchax.data.tokenizers import EOS_TEXT, get_tokenizer, gpt2_files
 
@@ -228,12 +229,6 @@ def load_hf_folder(folder: str | os.PathLike) -> tuple[ml_collections.ConfigDict
     return cfg, params_from_hf(state, cfg.model)
 
 
-def _write_atomic(path: pathlib.Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_hf_folder(
     folder: str | os.PathLike, cfg: ml_collections.ConfigDict, params: Mapping
 ) -> pathlib.Path:
@@ -242,13 +237,13 @@ def save_hf_folder(
     hf_config = config_to_hf(cfg)  # refuses μP before anything is written
     state = params_to_hf(params, cfg.model)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(
-        folder / SAFETENSORS, lambda p: safetensors.numpy.save_file(state, p, metadata={"format": "pt"})
-    )
+    with atomic.replacing(folder / SAFETENSORS) as temporary:
+        safetensors.numpy.save_file(state, temporary, metadata={"format": "pt"})
     if cfg.data.tokenizer == "gpt2":
         files = gpt2_files()
         for source, target in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
-            _write_atomic(folder / target, lambda p, s=files[source]: shutil.copyfile(s, p))
+            with atomic.replacing(folder / target) as temporary:
+                shutil.copyfile(files[source], temporary)
         tokenizer_config = {
             "tokenizer_class": "GPT2Tokenizer",
             "model_max_length": cfg.model.max_positions,
@@ -257,8 +252,6 @@ def save_hf_folder(
             "unk_token": EOS_TEXT,
             "add_prefix_space": False,
         }
-        _write_atomic(
-            folder / "tokenizer_config.json", lambda p: p.write_text(json.dumps(tokenizer_config, indent=2))
-        )
-    _write_atomic(folder / CONFIG, lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
+        atomic.write_json(folder / "tokenizer_config.json", tokenizer_config)
+    atomic.write_json(folder / CONFIG, hf_config)
     return folder

@@ -242,7 +242,7 @@ def batch_shards(mesh: Mesh) -> int:
 
 def padded_microbatch(mesh: Mesh, sequences: int) -> int:
     """A microbatch of `sequences` rounded up to split evenly over the batch shards and the processes feeding
-    them; the rows added are padding that carries no loss (train.IGNORE targets), so the batch stays exact."""
+    them; the rows added are padding that carries no loss (chinchax.model.loss.IGNORE targets), so the batch stays exact."""
     processes = jax.process_count()
     if sequences % processes:
         raise ConfigError(f"a microbatch of {sequences} sequences does not split over {processes} processes")

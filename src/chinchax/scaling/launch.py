@@ -26,8 +26,9 @@ from collections.abc import Mapping
 
 from tqdm import tqdm
 
+from chinchax import atomic
 from chinchax.scaling.plan import Point
-from chinchax.scaling.sweep import Sweep, SweepError, diverged_path, log_path, status, workdir, write_atomic
+from chinchax.scaling.sweep import Sweep, SweepError, diverged_path, log_path, status, workdir
 
 RUNNER = ("-m", "experiments.run")
 DIVERGED_MARK = "diverged"  # experiments.run's one-line error for a run whose loss went non-finite says this
@@ -106,7 +107,7 @@ def run_point(
             return Outcome(point.name, "done", seconds)
         message = _last_error(log)
         if rc != 0 and DIVERGED_MARK in message:
-            write_atomic(
+            atomic.write_text(
                 diverged_path(root, point), json.dumps({"point": point.name, "error": message}) + "\n"
             )
             return Outcome(point.name, "diverged", seconds, message)
@@ -327,7 +328,7 @@ def write_slurm(
         f"exec {shlex.join(command(root, p, python))} >> {shlex.quote(str(log_path(root, p)))} 2>&1"
         for p in todo
     ]
-    write_atomic(folder / "commands.txt", "\n".join(lines) + "\n")
+    atomic.write_text(folder / "commands.txt", "\n".join(lines) + "\n")
     header = [
         "#!/bin/bash",
         f"#SBATCH --job-name={sweep.name}",
@@ -346,5 +347,5 @@ def write_slurm(
         'wait "$trainer" || wait "$trainer"',
     ]
     script = folder / "sweep.sbatch"
-    write_atomic(script, "\n".join(header + [""] + body) + "\n")
+    atomic.write_text(script, "\n".join(header + [""] + body) + "\n")
     return script

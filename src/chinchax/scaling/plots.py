@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
 
 import matplotlib
 
@@ -12,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from chinchax import atomic  # noqa: E402
 from chinchax.scaling import fit  # noqa: E402
 from chinchax.scaling.fit_io import ScalingPoints  # noqa: E402
 
@@ -20,16 +19,11 @@ MAX_ISOFLOP_CURVES = 8
 
 def save(figure, path: pathlib.Path) -> str:
     """Write the figure atomically (temp file in the same folder, then rename) and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(handle)
     try:
-        figure.savefig(temporary, dpi=120, bbox_inches="tight", format="png")
-        os.replace(temporary, path)
+        with atomic.replacing(path) as temporary:
+            figure.savefig(temporary, dpi=120, bbox_inches="tight", format="png")
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return str(path)
 
 

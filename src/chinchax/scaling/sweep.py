@@ -15,9 +15,7 @@ import csv
 import dataclasses
 import io
 import json
-import os
 import pathlib
-import tempfile
 
 import matplotlib
 
@@ -25,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from chinchax import atomic  # noqa: E402
 from chinchax.scaling import fit, fit_io, plots  # noqa: E402
 from chinchax.scaling.plan import Point  # noqa: E402
 
@@ -85,19 +84,6 @@ def status(root: pathlib.Path, point: Point) -> str:
     return "diverged" if diverged_path(root, point).is_file() else "pending"
 
 
-def write_atomic(path: pathlib.Path, text: str) -> None:
-    """Write text to a temp file in the same folder, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def write_manifest(sweep: Sweep, root: pathlib.Path) -> None:
     """root/sweep.json: the sweep's points with their experiments.run arguments and tags."""
     points = [
@@ -105,7 +91,7 @@ def write_manifest(sweep: Sweep, root: pathlib.Path) -> None:
         for p in sweep.points
     ]
     manifest = {"sweep": sweep.name, "description": sweep.description, "analysis": sweep.analysis}
-    write_atomic(root / "sweep.json", json.dumps({**manifest, "points": points}, indent=1) + "\n")
+    atomic.write_text(root / "sweep.json", json.dumps({**manifest, "points": points}, indent=1) + "\n")
 
 
 def gather(sweep: Sweep, root: pathlib.Path) -> list[dict]:
@@ -126,13 +112,13 @@ def gather(sweep: Sweep, root: pathlib.Path) -> list[dict]:
         row = {"point": point.name, **point.tags, **{c: summary[c] for c in SUMMARY_COLUMNS}}
         row.update(flops=summary["train_flops"], loss=summary["final_eval_loss"])
         rows.append(row)
-    write_atomic(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic.write_text(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     columns = list(dict.fromkeys(key for row in rows for key in row))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomic(root / "results.csv", text.getvalue())
+    atomic.write_text(root / "results.csv", text.getvalue())
     return rows
 
 
@@ -169,7 +155,7 @@ def analyse(sweep: Sweep, root: pathlib.Path, rows: list[dict], resamples: int =
     paths["loss_vs_flops"] = plots.loss_vs_flops(points, law_fit, out / "loss_vs_flops.png")
     paths["residuals"] = plots.residuals(points, law_fit, out / "residuals.png")
     summary = fit_io.report(points, law, law_fit, approach1, approach2, paths, SEED, resamples)
-    write_atomic(root / "fit.json", json.dumps(summary, indent=1) + "\n")
+    atomic.write_text(root / "fit.json", json.dumps(summary, indent=1) + "\n")
     summary["text"] = fit_io.format_text(summary)
     return summary
 
@@ -252,7 +238,7 @@ def mutransfer(sweep: Sweep, root: pathlib.Path, rows: list[dict]) -> dict:
     figure.suptitle("μTransfer: loss vs learning rate across widths")
     path = plots.save(figure, root / "mutransfer.png")
     summary = {"best_lr": best, "diverged": [p.name for p in diverged], "plot": path}
-    write_atomic(root / "mutransfer.json", json.dumps(summary, indent=1) + "\n")
+    atomic.write_text(root / "mutransfer.json", json.dumps(summary, indent=1) + "\n")
     lines = [
         f"best learning rate per width ({parametrization}): "
         + ", ".join(f"{w}: {lr:.3g}" for w, lr in best.get(parametrization, {}).items())

@@ -20,6 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from chinchax import atomic
 from chinchax import config as config_lib
 from chinchax.parallel import distributed
 from chinchax.training import state as train_state
@@ -33,10 +34,7 @@ def write_config(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> None:
     """workdir/config.json, written atomically by the writing process (`distributed.is_writer`)."""
     if not distributed.is_writer():
         return
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / "config.json.tmp"
-    tmp.write_text(cfg.to_json(indent=2))
-    tmp.replace(workdir / "config.json")
+    atomic.write_text(workdir / "config.json", cfg.to_json(indent=2))
 
 
 def read_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:

@@ -12,14 +12,8 @@ import sys
 import tensorboardX
 import tqdm
 
+from chinchax import atomic
 from chinchax.parallel import distributed
-
-
-def atomic_write_json(path: pathlib.Path, obj: dict) -> None:
-    """Write JSON to a temporary file beside `path`, then rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
 
 
 class RunLog:
@@ -54,9 +48,7 @@ class RunLog:
             for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= step
         ]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def record(self, record: dict) -> None:
         """One log step: {'step', 'tokens', 'loss', ...} to the file, TensorBoard and the bar's postfix."""
@@ -84,7 +76,7 @@ class RunLog:
     def write_summary(self, summary: dict) -> None:
         """workdir/summary.json, written atomically: the run is finished."""
         if self.writer:
-            atomic_write_json(self.workdir / "summary.json", summary)
+            atomic.write_json(self.workdir / "summary.json", summary)
 
     def close(self) -> None:
         self.bar.close()

@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 
-import chinchax_kernels
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -23,9 +22,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from chinchax import data, parametrization
+from chinchax import data
 from chinchax.config import batch_size_at, flatten, microbatch_size, tokens_before
 from chinchax.model import flops, gpt
+from chinchax.model import loss as loss_lib
 from chinchax.parallel import hardware, memory_plan, mesh
 from chinchax.training import checkpoint, optim
 from chinchax.training.metrics import RunLog
@@ -38,32 +38,9 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (diverged, or too large for this host)."""
 
 
-IGNORE = -1  # the target of a padding sequence (train._global_batch): it carries no loss and no gradient
-
-
 def loss_fn(cfg: ml_collections.ConfigDict):
-    """(params, inputs, targets) → (next-token cross-entropy summed over the targets that are not IGNORE, in
-    fp32 nats, and how many there are)."""
-    net = gpt.build(cfg.model)
-    logit_scale = parametrization.forward_multipliers(cfg.model).logits
-
-    def loss(params, inputs, targets):
-        real = targets != IGNORE
-        labels = jnp.where(real, targets, 0)
-        if cfg.model.loss == "chunked":
-            hidden = net.apply({"params": params}, inputs, method=gpt.GPT.features)
-            per_token = chinchax_kernels.softmax_cross_entropy(
-                hidden.reshape(-1, hidden.shape[-1]),
-                params["token_embed"]["embedding"],
-                labels.reshape(-1),
-                logit_scale=logit_scale,
-            ).reshape(labels.shape)
-        else:
-            logits = net.apply({"params": params}, inputs)
-            per_token = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        return jnp.sum(jnp.where(real, per_token.astype(jnp.float32), 0.0)), jnp.sum(real)
-
-    return loss
+    """The run's loss (chinchax.model.loss): (params, inputs, targets) → (summed cross-entropy, token count)."""
+    return loss_lib.summed_cross_entropy(cfg.model)
 
 
 def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
@@ -81,7 +58,7 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
     lr = optim.learning_rate(cfg, tokens)
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        tokens_in_step = jnp.sum(batch["targets"] != IGNORE).astype(jnp.float32)
+        tokens_in_step = jnp.sum(batch["targets"] != loss_lib.IGNORE).astype(jnp.float32)
 
         def mean_share(params, inputs, targets):
             return loss(params, inputs, targets)[0] / tokens_in_step
@@ -308,12 +285,12 @@ def train(
 
 def _global_batch(devices, local_batches: list[dict], micro: int) -> dict:
     """This process's loader batches stacked to (microbatches, sequences, seq_len), as one global array whose
-    microbatch is padded to split evenly over the batch shards (padding rows have IGNORE targets)."""
+    microbatch is padded to split evenly over the batch shards (padding rows have loss.IGNORE targets)."""
     padded = mesh.padded_microbatch(devices, micro)
     pad = (padded - micro) // jax.process_count()
     local = {key: np.stack([b[key] for b in local_batches]) for key in ("inputs", "targets")}
     local = {
         "inputs": np.pad(local["inputs"], ((0, 0), (0, pad), (0, 0))),
-        "targets": np.pad(local["targets"], ((0, 0), (0, pad), (0, 0)), constant_values=IGNORE),
+        "targets": np.pad(local["targets"], ((0, 0), (0, pad), (0, 0)), constant_values=loss_lib.IGNORE),
     }
     return mesh.global_batch(devices, local, padded)
