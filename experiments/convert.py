@@ -11,13 +11,13 @@ line last: direction, paths, config name, parameter count.
 
 import json
 import pathlib
-import sys
 
 import jax
 from absl import app, flags
 
 from chinchax.evaluation import hf
 from chinchax.training import checkpoint
+from experiments import cli as cli_lib
 
 _FROM_HF = flags.DEFINE_string("from_hf", None, "Hugging Face checkpoint folder to import.")
 _TO_HF = flags.DEFINE_string("to_hf", None, "Folder to export the run's checkpoint into.")
@@ -46,11 +46,8 @@ def main(argv):
 
 
 def cli():
-    """Entry point: bad input ends with one line `error: ...` and exit status 1."""
-    try:
-        app.run(main)
-    except (hf.HFConversionError, checkpoint.CheckpointError) as error:
-        sys.exit(f"error: {error}")
+    """Entry point: one-line errors (experiments.cli)."""
+    cli_lib.run(main, (hf.HFConversionError, checkpoint.CheckpointError))
 
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ line per split, then last on stdout one JSON object: {"workdir", "store", "seq_l
 
 import dataclasses
 import json
-import sys
 
 from absl import app, flags, logging
 
 from chinchax import data
 from chinchax.evaluation import evaluate
 from chinchax.training import checkpoint
+from experiments import cli as cli_lib
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory holding config.json and checkpoints/.", required=True
@@ -63,11 +63,8 @@ def main(argv):
 
 
 def cli():
-    """Entry point: bad input ends with one line `error: ...` and exit status 1."""
-    try:
-        app.run(main)
-    except (checkpoint.CheckpointError, data.DataError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    """Entry point: one-line errors (experiments.cli)."""
+    cli_lib.run(main, (checkpoint.CheckpointError, data.DataError, ValueError))
 
 
 if __name__ == "__main__":

@@ -8,12 +8,12 @@ on stdout one JSON object (constants named as in the formula, `ci`, `r2`, `rmse_
 
 import json
 import pathlib
-import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from chinchax.scaling import fit, fit_io, plots
+from experiments import cli as cli_lib
 
 _RESULTS = flags.DEFINE_string("results", None, "CSV or JSONL results file.", required=True)
 _LAW = flags.DEFINE_enum(
@@ -70,11 +70,8 @@ def main(argv):
 
 
 def cli():
-    """Entry point with one-line errors for results that cannot be fitted."""
-    try:
-        app.run(main)
-    except fit_io.FitDataError as error:
-        sys.exit(f"error: {error}")
+    """Entry point: one-line errors (experiments.cli)."""
+    cli_lib.run(main, (fit_io.FitDataError,))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,11 @@ inputs reuse it. Prints a summary, then one JSON line: store path, tokens per sp
 """
 
 import json
-import sys
 
 from absl import app, flags
 
 from chinchax import data
+from experiments import cli as cli_lib
 
 _CORPUS = flags.DEFINE_string("corpus", "embedded", "Corpus name ('embedded') or path of a file or folder.")
 _TOKENIZER = flags.DEFINE_enum("tokenizer", "gpt2", ["gpt2", "bytes"], "Tokenizer.")
@@ -48,11 +48,8 @@ def main(argv):
 
 
 def cli():
-    """Entry point: bad input ends with one line `error: ...` and exit status 1."""
-    try:
-        app.run(main)
-    except data.DataError as error:
-        sys.exit(f"error: {error}")
+    """Entry point: one-line errors (experiments.cli)."""
+    cli_lib.run(main, (data.DataError,))
 
 
 if __name__ == "__main__":

@@ -5,16 +5,17 @@ config file `experiments/configs/x.py[:arg]`. With no --config the embedded CPU 
 """
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from chinchax import config as config_lib
 from chinchax.dryrun import aot
 from chinchax.dryrun import report as dry_run
 from chinchax.parallel import distributed
+from chinchax.scaling import launch
 from chinchax.training import checkpoint, train
+from experiments import cli as cli_lib
 from experiments import configs
 
 
@@ -73,12 +74,13 @@ def main(argv):
 
 
 def cli():
-    """Entry point with one-line errors for configs that cannot run."""
-    try:
-        sys.argv = resolve_config_argv(sys.argv)
-        app.run(main)
-    except (config_lib.ConfigError, ValueError, train.TrainingError, checkpoint.CheckpointError) as error:
-        sys.exit(f"error: {error}")
+    """Entry point: one-line errors (experiments.cli)."""
+    cli_lib.run(
+        main,
+        (config_lib.ConfigError, ValueError, train.TrainingError, checkpoint.CheckpointError),
+        statuses={train.Diverged: launch.DIVERGED_STATUS},
+        prepare_argv=resolve_config_argv,
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ samples (text), tokens generated, seconds and tokens per second (compilation inc
 """
 
 import json
-import sys
 import time
 
 from absl import app, flags, logging
@@ -15,6 +14,7 @@ from absl import app, flags, logging
 from chinchax.data import DataError, get_tokenizer
 from chinchax.model import sample
 from chinchax.training import checkpoint
+from experiments import cli as cli_lib
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory holding config.json and checkpoints/.", required=True
@@ -73,11 +73,8 @@ def main(argv):
 
 
 def cli():
-    """Entry point: bad input ends with one line `error: ...` and exit status 1."""
-    try:
-        app.run(main)
-    except (checkpoint.CheckpointError, DataError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    """Entry point: one-line errors (experiments.cli)."""
+    cli_lib.run(main, (checkpoint.CheckpointError, DataError, ValueError))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from chinchax.config import ConfigError
 from chinchax.parallel import mesh
 from chinchax.scaling import fit_io, launch, plan
 from chinchax.scaling import sweep as sweep_lib
+from experiments import cli as cli_lib
 from experiments import configs
 from experiments.configs import sweeps
 
@@ -131,11 +132,8 @@ def main(argv):
 
 
 def cli():
-    """Entry point with one-line errors for unknown sweeps and results that cannot be fitted."""
-    try:
-        app.run(main)
-    except (sweep_lib.SweepError, plan.PlanError, fit_io.FitDataError, ConfigError) as error:
-        sys.exit(f"error: {error}")
+    """Entry point: one-line errors (experiments.cli)."""
+    cli_lib.run(main, (sweep_lib.SweepError, plan.PlanError, fit_io.FitDataError, ConfigError))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ FAKE_RUN = textwrap.dedent(
         f.write(workdir.name + "\\n")
     lr = float(args.get("config.train.peak_lr", 0))
     if lr == 99:
-        sys.exit("error: loss nan at step 3: training diverged; the last good checkpoint is step None")
+        print("error: loss nan at step 3: training diverged; the last good checkpoint is step None")
+        sys.exit(3)  # experiments.run's status for a diverged run (launch.DIVERGED_STATUS)
     if lr == 98:
         sys.exit("error: something else went wrong")
     tokens = int(args["config.train.tokens"])

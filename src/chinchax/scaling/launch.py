@@ -31,7 +31,7 @@ from chinchax.scaling.plan import Point
 from chinchax.scaling.sweep import Sweep, SweepError, diverged_path, log_path, status, workdir
 
 RUNNER = ("-m", "experiments.run")
-DIVERGED_MARK = "diverged"  # experiments.run's one-line error for a run whose loss went non-finite says this
+DIVERGED_STATUS = 3  # experiments.run's exit status for a run whose loss went non-finite
 RAY_ACCELERATORS = {"gpu": "GPU", "tpu": "TPU"}  # preset platform → Ray's resource name
 
 
@@ -106,7 +106,7 @@ def run_point(
         if status(root, point) == "done":
             return Outcome(point.name, "done", seconds)
         message = _last_error(log)
-        if rc != 0 and DIVERGED_MARK in message:
+        if rc == DIVERGED_STATUS:
             atomic.write_text(
                 diverged_path(root, point), json.dumps({"point": point.name, "error": message}) + "\n"
             )

@@ -35,7 +35,11 @@ __all__ = ["TrainState", "init_state", "make_train_step", "train"]
 
 
 class TrainingError(RuntimeError):
-    """A run that cannot go on (diverged, or too large for this host)."""
+    """A run that cannot go on."""
+
+
+class Diverged(TrainingError):
+    """The loss or gradient norm went non-finite (experiments.run exits with launch.DIVERGED_STATUS)."""
 
 
 def loss_fn(cfg: ml_collections.ConfigDict):
@@ -202,7 +206,7 @@ def train(
             mngr.wait_until_finished()
             mngr.close()
             log.close()
-            raise TrainingError(
+            raise Diverged(
                 f"loss {metrics['loss']} / grad norm {metrics['grad_norm']} at step {step + 1}: training "
                 f"diverged; the last good checkpoint is step {last_saved} in {workdir / 'checkpoints'}"
             )

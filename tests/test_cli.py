@@ -1,0 +1,38 @@
+"""How the entry points end: one line `error: ...` and an exit status a launcher can act on."""
+
+import subprocess
+import sys
+
+from chinchax.scaling import launch
+from tests.conftest import REPO
+
+
+def _run(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def test_a_diverged_run_exits_with_the_status_sweeps_record(tmp_path):
+    out = _run(
+        "--config=cpu_tiny",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.train.peak_lr=1e30",
+        "--config.train.warmup_tokens=0",
+        "--config.train.tokens=40960",
+        cwd=REPO,
+    )
+    assert out.returncode == launch.DIVERGED_STATUS == 3, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "training diverged" in last
+
+
+def test_bad_input_is_one_line_and_status_1(tmp_path):
+    for args, expected in [
+        (("--config=cpu_tiny", "--config.train.no_such_key=1"), "unknown config key 'train.no_such_key'"),
+        (("--config=no_such_point",), "unknown scale point 'no_such_point'"),
+    ]:
+        out = _run(*args, f"--workdir={tmp_path / 'x'}", cwd=REPO)
+        assert out.returncode == 1, out.stderr[-2000:]
+        assert out.stderr.strip().splitlines() == [f"error: {out.stderr.strip()[7:]}"]
+        assert expected in out.stderr
