@@ -31,7 +31,8 @@ from chinchax.config import d_head, width_multiplier
 
 ROLES = ("embedding", "hidden", "out_proj", "bias", "norm")
 
-# Which role each model parameter plays, by the name of the module (or param) that owns it.
+# Which role each model parameter plays, by the name of the module (or param) that owns it: the one place roles
+# are named (the model's initializers and the optimizer's multipliers and weight-decay mask all read it).
 ROLE_OF_MODULE = {
     "token_embed": "embedding",
     "position_embed": "embedding",

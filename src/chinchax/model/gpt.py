@@ -25,7 +25,9 @@ from chinchax import parametrization
 from chinchax.config import d_ffn, d_head
 
 
-def _init(model: ml_collections.ConfigDict, role: str, axes: tuple):
+def _init(model: ml_collections.ConfigDict, path: tuple[str, ...], axes: tuple):
+    """The initializer of the parameter at `path` (its role from parametrization's one table), with axes."""
+    role = parametrization.role_of(path)
     return nn.with_logical_partitioning(parametrization.initializer(model, role), axes, rules=())
 
 
@@ -67,14 +69,13 @@ class Block(nn.Module):
         """x (batch, seq, d_model); start: position of x's first token in the KV cache (decode only)."""
         cfg, dtype = self.model, jnp.dtype(self.model.compute_dtype)
         heads, width = cfg.n_heads, d_head(cfg)
-        bias = lambda axes: _init(cfg, "bias", axes)
 
         h = _layer_norm(cfg, "ln_1")(x)
         qkv = nn.DenseGeneral(
             (3, heads, width),
             dtype=dtype,
-            kernel_init=_init(cfg, "hidden", ("embed", None, "heads", "head_dim")),
-            bias_init=bias((None, "heads", "head_dim")),
+            kernel_init=_init(cfg, ("qkv", "kernel"), ("embed", None, "heads", "head_dim")),
+            bias_init=_init(cfg, ("qkv", "bias"), (None, "heads", "head_dim")),
             name="qkv",
         )(h)
         qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "head_dim"))
@@ -88,8 +89,8 @@ class Block(nn.Module):
             cfg.d_model,
             axis=(-2, -1),
             dtype=dtype,
-            kernel_init=_init(cfg, "out_proj", ("heads", "head_dim", "embed")),
-            bias_init=bias(("embed",)),
+            kernel_init=_init(cfg, ("attn_out", "kernel"), ("heads", "head_dim", "embed")),
+            bias_init=_init(cfg, ("attn_out", "bias"), ("embed",)),
             name="attn_out",
         )(y)
         x = x + y
@@ -98,16 +99,16 @@ class Block(nn.Module):
         h = nn.Dense(
             d_ffn(cfg),
             dtype=dtype,
-            kernel_init=_init(cfg, "hidden", ("embed", "mlp")),
-            bias_init=bias(("mlp",)),
+            kernel_init=_init(cfg, ("fc1", "kernel"), ("embed", "mlp")),
+            bias_init=_init(cfg, ("fc1", "bias"), ("mlp",)),
             name="fc1",
         )(h)
         h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
         h = nn.Dense(
             cfg.d_model,
             dtype=dtype,
-            kernel_init=_init(cfg, "out_proj", ("mlp", "embed")),
-            bias_init=bias(("embed",)),
+            kernel_init=_init(cfg, ("fc2", "kernel"), ("mlp", "embed")),
+            bias_init=_init(cfg, ("fc2", "bias"), ("embed",)),
             name="fc2",
         )(h)
         x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
@@ -154,12 +155,12 @@ class GPT(nn.Module):
         self.token_embed = nn.Embed(
             cfg.vocab_size,
             cfg.d_model,
-            embedding_init=_init(cfg, "embedding", ("vocab", "embed")),
+            embedding_init=_init(cfg, ("token_embed", "embedding"), ("vocab", "embed")),
             name="token_embed",
         )
         self.position_embed = self.param(
             "position_embed",
-            _init(cfg, "embedding", (None, "embed")),
+            _init(cfg, ("position_embed",), (None, "embed")),
             (cfg.max_positions, cfg.d_model),
         )
         block = (

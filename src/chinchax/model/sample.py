@@ -79,8 +79,8 @@ def _uncached_step(model, sampling, params, buffer, last, rng):
     return next_token(logits[:, last], sampling, rng)
 
 
-def _bucket(length: int, cap: int) -> int:
-    """The power of two >= length (at least MIN_BUCKET), at most `cap`."""
+def bucket(length: int, cap: int) -> int:
+    """The power of two >= length (at least MIN_BUCKET), at most `cap`: padded lengths that compile once each."""
     return min(cap, max(MIN_BUCKET, 1 << (length - 1).bit_length()))
 
 
@@ -112,10 +112,10 @@ def generate(
         )
     frozen = ml_collections.FrozenConfigDict(model)
     rngs = jax.random.split(jax.random.key(seed), max_new_tokens)
-    length = _bucket(total, model.max_positions)
+    length = bucket(total, model.max_positions)
     if use_cache:
         cache = gpt.init_cache(model, num_samples, length)
-        first = np.zeros((num_samples, _bucket(len(prompt), length)), np.int32)
+        first = np.zeros((num_samples, bucket(len(prompt), length)), np.int32)
         first[:, : len(prompt)] = prompt
         token, cache = _cached_step(frozen, sampling, params, cache, first, len(prompt) - 1, rngs[0])
         cache["position"] = jnp.asarray(len(prompt), jnp.int32)  # rewind past the padding
