@@ -12,7 +12,7 @@ import pathlib
 import numpy as np
 from absl import flags
 
-from chinchax.scaling import fit, fit_io, plots
+from chinchax.scaling import fit_io, report
 from experiments import cli as cli_lib
 
 _RESULTS = flags.DEFINE_string("results", None, "CSV or JSONL results file.", required=True)
@@ -34,38 +34,10 @@ def main(argv):
     del argv
     points = fit_io.load_points(_RESULTS.value)
     law = _LAW.value or ("chinchilla" if points.params is not None else "compute")
-    fit_io.require_points(points, law, _DROP_HIGHEST.value)
     seed = _SEED.value if _SEED.value is not None else int(np.random.SeedSequence().entropy % 2**32)
     out = pathlib.Path(_OUT.value or f"{pathlib.Path(points.source).stem}_fit")
-    resamples, drop = _BOOTSTRAP.value, _DROP_HIGHEST.value
-    approach1 = approach2 = None
-    if law == "compute":
-        law_fit = fit.fit_compute_law(
-            points.flops, points.loss, drop_highest=drop, resamples=resamples, seed=seed
-        )
-    else:
-        law_fit = fit.fit_chinchilla(
-            points.params, points.tokens, points.loss, drop_highest=drop, resamples=resamples, seed=seed
-        )
-        kept = law_fit.kept
-        run = points.run if points.run is not None else points.params
-        approach1 = fit.approach1_envelope(
-            run[kept], points.params[kept], points.flops[kept], points.loss[kept]
-        )
-        approach2 = fit.approach2_isoflop(
-            points.params[kept], points.flops[kept], points.loss[kept], resamples=resamples, seed=seed
-        )
-    paths = {
-        "loss_vs_flops": plots.loss_vs_flops(points, law_fit, out / "loss_vs_flops.png"),
-        "residuals": plots.residuals(points, law_fit, out / "residuals.png"),
-    }
-    if law == "chinchilla":
-        paths["isoflops"] = plots.isoflops(points, law_fit.law, approach2, out / "isoflops.png")
-        paths["allocation"] = plots.allocation(
-            law_fit.law, approach1, approach2, points.flops, out / "allocation.png"
-        )
-    summary = fit_io.report(points, law, law_fit, approach1, approach2, paths, seed, resamples)
-    print(fit_io.format_text(summary))
+    summary = report.fit_and_report(points, law, out, _DROP_HIGHEST.value, _BOOTSTRAP.value, seed)
+    print(summary.pop("text"))
     print(json.dumps(summary))
 
 

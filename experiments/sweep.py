@@ -20,7 +20,7 @@ from absl import app, flags
 
 from chinchax.config import ConfigError
 from chinchax.parallel import mesh
-from chinchax.scaling import fit_io, launch, plan
+from chinchax.scaling import fit_io, launch, plan, report
 from chinchax.scaling import sweep as sweep_lib
 from experiments import cli as cli_lib
 from experiments import configs
@@ -37,7 +37,7 @@ _PARALLEL = flags.DEFINE_integer(
     "parallel", 1, "Points trained at once by the local launcher.", lower_bound=1
 )
 _BOOTSTRAP = flags.DEFINE_integer(
-    "bootstrap", sweep_lib.BOOTSTRAP, "Bootstrap resamples for the fit CIs.", lower_bound=0
+    "bootstrap", report.BOOTSTRAP, "Bootstrap resamples for the fit CIs.", lower_bound=0
 )
 _RAY_ADDRESS = flags.DEFINE_string(
     "ray_address", None, "Ray cluster to run on ('auto', 'ray://head:10001'); default: a new local instance."
@@ -123,7 +123,7 @@ def main(argv):
     )
     failed = [o for o in outcomes if o.status == "failed"]
     if counts["pending"] == 0:
-        summary = sweep_lib.analyse(sweep, root, rows, _BOOTSTRAP.value)
+        summary = report.analyse(sweep, root, rows, _BOOTSTRAP.value)
         if summary is not None:
             print(summary.pop("text"))
             print(json.dumps(summary))

@@ -6,6 +6,7 @@ Scale points (experiments/configs/) start from `base_config()` and set what diff
 
 from __future__ import annotations
 
+import json
 import math
 
 import ml_collections
@@ -97,6 +98,17 @@ def base_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(_nest({k: v for k, (v, _) in SCHEMA.items()}))
     cfg.lock()
     return cfg
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """The validated config written as JSON by `cfg.to_json()` (JSON has no tuples: the ramp's pairs come back
+    as lists and are made tuples again)."""
+    cfg = base_config()
+    cfg.unlock()
+    cfg.update_from_flattened_dict(flatten(json.loads(text)))
+    cfg.train.batch_ramp = tuple(tuple(pair) for pair in cfg.train.batch_ramp)
+    cfg.lock()
+    return validate(cfg)
 
 
 def describe() -> str:

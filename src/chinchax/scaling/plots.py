@@ -1,4 +1,5 @@
-"""PNG figures of the law fits: loss vs FLOPs, isoFLOP curves, residuals, compute-optimal allocation."""
+"""Every figure of the scaling studies, as PNG: loss vs FLOPs, the compute law's bootstrap band, isoFLOP curves,
+residuals, compute-optimal allocation, μTransfer (loss vs learning rate per width)."""
 
 from __future__ import annotations
 
@@ -140,4 +141,69 @@ def allocation(
     axes.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="compute-optimal parameters N_opt")
     axes.set_title("Compute-optimal allocation (C = 6ND)")
     axes.legend(fontsize=8)
+    return save(figure, path)
+
+
+def compute_law_band(points: ScalingPoints, law_fit: fit.LawFit, path: pathlib.Path) -> str:
+    """The points, the fitted L(C) and its bootstrap 95% band (pointwise percentiles of the refitted curves)."""
+    figure, axes = plt.subplots(figsize=(7, 5))
+    flops = np.logspace(np.log10(points.flops.min()) - 0.3, np.log10(points.flops.max()) + 0.3, 200)
+    samples = law_fit.bootstrap_samples
+    law = law_fit.law
+    if samples:
+        curves = np.array(
+            [
+                fit.ComputeLaw(c, a, e).loss(flops)
+                for c, a, e in zip(samples["C_c"], samples["alpha"], samples["E"], strict=True)
+            ]
+        )
+        curves = curves[np.isfinite(curves).all(axis=1)]
+        low, high = np.percentile(curves, [2.5, 97.5], axis=0)
+        axes.fill_between(flops, low, high, color="tab:red", alpha=0.2, label="95% bootstrap band")
+    alpha_ci = law_fit.ci.get("alpha")
+    ci_text = f" (95% CI {alpha_ci[0]:.3f}–{alpha_ci[1]:.3f})" if alpha_ci else ""
+    axes.plot(
+        flops,
+        law.loss(flops),
+        color="tab:red",
+        label=f"L = (C/{law.C_c:.3g})^-{law.alpha:.3f}{ci_text} + {law.E:.3f}",
+    )
+    axes.scatter(points.flops, points.loss, color="tab:blue", zorder=3, label="runs (validation loss)")
+    axes.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="validation loss (nats/token)")
+    axes.set_title(f"Compute law, R² {law_fit.goodness.r2:.4f}")
+    axes.legend(fontsize=8)
+    return save(figure, path)
+
+
+def mutransfer(curves: dict, diverged: dict, path: pathlib.Path) -> str:
+    """Loss vs learning rate per width, one panel per parametrization; ★ the best rate, × diverged runs.
+
+    curves: {parametrization: {width: [(lr, loss), ...]}}; diverged: {parametrization: {width: [lr, ...]}}.
+    """
+    parametrizations = sorted(curves.keys() | diverged.keys())
+    figure, panels = plt.subplots(
+        1, len(parametrizations), figsize=(6 * len(parametrizations), 4.5), sharey=True
+    )
+    panels = np.atleast_1d(panels)
+    widths = sorted({w for by_width in curves.values() for w in by_width})
+    top = max(loss for by_width in curves.values() for curve in by_width.values() for _, loss in curve)
+    colours = plt.get_cmap("viridis")
+    for axes, parametrization in zip(panels, parametrizations, strict=True):
+        for i, width in enumerate(widths):
+            colour = colours(i / max(1, len(widths) - 1))
+            curve = sorted(curves.get(parametrization, {}).get(width, []))
+            if curve:
+                lrs, losses = zip(*curve, strict=True)
+                axes.plot(lrs, losses, "o-", color=colour, label=f"width {width}")
+                k = int(np.argmin(losses))
+                axes.plot(lrs[k], losses[k], "*", markersize=14, color=colour, markeredgecolor="black")
+            lost = diverged.get(parametrization, {}).get(width, [])
+            if lost:
+                axes.plot(lost, [top] * len(lost), "x", color=colour, markersize=9)
+        axes.set(
+            xscale="log", xlabel="peak learning rate", title=f"{parametrization.upper()} (★ best, × diverged)"
+        )
+        axes.legend(fontsize=8)
+    panels[0].set_ylabel("validation loss (nats/token)")
+    figure.suptitle("μTransfer: loss vs learning rate across widths")
     return save(figure, path)

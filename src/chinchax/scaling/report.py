@@ -1,0 +1,120 @@
+"""Analyses of scaling results: the law fit with its plots and report (shared by `experiments.fit` and the sweeps),
+and the μTransfer learning-rate comparison.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from chinchax import atomic
+from chinchax.scaling import fit, fit_io, plots
+from chinchax.scaling.sweep import Sweep, SweepError, status
+
+BOOTSTRAP = 200
+SEED = 0
+
+
+def fit_and_report(
+    points: fit_io.ScalingPoints,
+    law: str,
+    out: pathlib.Path,
+    drop_highest: int = 0,
+    resamples: int = BOOTSTRAP,
+    seed: int = SEED,
+) -> dict:
+    """Fit `law` ('compute' or 'chinchilla': approach 3, with approaches 1 and 2 beside it) to the points, draw
+    its figures into `out`, and return the report (fit_io.report, plus 'text' for the terminal)."""
+    fit_io.require_points(points, law, drop_highest)
+    approach1 = approach2 = None
+    if law == "compute":
+        law_fit = fit.fit_compute_law(
+            points.flops, points.loss, drop_highest=drop_highest, resamples=resamples, seed=seed
+        )
+        paths = {"compute_law_ci": plots.compute_law_band(points, law_fit, out / "compute_law_ci.png")}
+    else:
+        law_fit = fit.fit_chinchilla(
+            points.params,
+            points.tokens,
+            points.loss,
+            drop_highest=drop_highest,
+            resamples=resamples,
+            seed=seed,
+        )
+        kept = law_fit.kept
+        run = points.run if points.run is not None else points.params
+        approach1 = fit.approach1_envelope(
+            run[kept], points.params[kept], points.flops[kept], points.loss[kept]
+        )
+        approach2 = fit.approach2_isoflop(
+            points.params[kept], points.flops[kept], points.loss[kept], resamples=resamples, seed=seed
+        )
+        paths = {
+            "isoflops": plots.isoflops(points, law_fit.law, approach2, out / "isoflops.png"),
+            "allocation": plots.allocation(
+                law_fit.law, approach1, approach2, points.flops, out / "allocation.png"
+            ),
+        }
+    paths["loss_vs_flops"] = plots.loss_vs_flops(points, law_fit, out / "loss_vs_flops.png")
+    paths["residuals"] = plots.residuals(points, law_fit, out / "residuals.png")
+    summary = fit_io.report(points, law, law_fit, approach1, approach2, paths, seed, resamples)
+    return {**summary, "text": fit_io.format_text(summary)}
+
+
+def analyse(sweep: Sweep, root: pathlib.Path, rows: list[dict], resamples: int = BOOTSTRAP) -> dict | None:
+    """Run the sweep's analysis on the gathered rows; writes root/fit.json (or mutransfer.json) and plots."""
+    if sweep.analysis is None or not rows:
+        return None
+    if sweep.analysis == "mutransfer":
+        return mutransfer(sweep, root, rows)
+    points = fit_io.load_points(root / "results.csv")
+    law = "compute" if sweep.analysis == "compute_law" else "chinchilla"
+    try:
+        fit_io.require_points(points, law, 0)
+    except fit_io.FitDataError as error:
+        raise SweepError(f"not fitting yet: {error}") from None
+    summary = fit_and_report(points, law, root / "fit", resamples=resamples)
+    atomic.write_json(root / "fit.json", {k: v for k, v in summary.items() if k != "text"}, indent=1)
+    return summary
+
+
+def best_learning_rates(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """{parametrization: {width: the learning rate of the lowest loss}} from rows tagged with
+    `parametrization`, `width`, `lr` and their `loss`."""
+    best: dict[str, dict[str, tuple[float, float]]] = {}
+    for row in rows:
+        key = str(row["width"])
+        current = best.setdefault(row["parametrization"], {}).get(key)
+        if current is None or row["loss"] < current[1]:
+            best[row["parametrization"]][key] = (row["lr"], row["loss"])
+    return {
+        p: {w: lr for w, (lr, _) in sorted(by_width.items(), key=lambda item: int(item[0]))}
+        for p, by_width in best.items()
+    }
+
+
+def mutransfer(sweep: Sweep, root: pathlib.Path, rows: list[dict]) -> dict:
+    """Loss vs learning rate per width, SP and μP side by side; the best LR per width per parametrization.
+
+    Rows need tags `parametrization`, `width` and `lr`; diverged points are drawn as crosses at the top.
+    """
+    diverged = [p for p in sweep.points if status(root, p) == "diverged"]
+    curves: dict = {}
+    for row in rows:
+        curves.setdefault(row["parametrization"], {}).setdefault(row["width"], []).append(
+            (row["lr"], row["loss"])
+        )
+    lost: dict = {}
+    for point in diverged:
+        lost.setdefault(point.tags["parametrization"], {}).setdefault(point.tags["width"], []).append(
+            point.tags["lr"]
+        )
+    best = best_learning_rates(rows)
+    path = plots.mutransfer(curves, lost, root / "mutransfer.png")
+    summary = {"best_lr": best, "diverged": [p.name for p in diverged], "plot": path}
+    atomic.write_json(root / "mutransfer.json", summary, indent=1)
+    lines = [
+        f"best learning rate per width ({parametrization}): "
+        + ", ".join(f"{w}: {lr:.3g}" for w, lr in best.get(parametrization, {}).items())
+        for parametrization in sorted(curves.keys() | lost.keys())
+    ]
+    return {**summary, "text": "\n".join(lines + [f"plot: {path}"])}
