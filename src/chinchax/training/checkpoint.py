@@ -8,20 +8,19 @@ reported and the previous one is used.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import shutil
 import sys
 import time
 
 import grain
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from chinchax import atomic
 from chinchax import config as config_lib
+from chinchax.model import gpt
 from chinchax.parallel import distributed
 from chinchax.training import state as train_state
 
@@ -42,12 +41,7 @@ def read_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
     path = pathlib.Path(workdir) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: {workdir} is not a chinchax run directory")
-    cfg = config_lib.base_config()
-    cfg.unlock()
-    cfg.update_from_flattened_dict(config_lib.flatten(json.loads(path.read_text())))
-    cfg.train.batch_ramp = tuple(tuple(x) for x in cfg.train.batch_ramp)
-    cfg.lock()
-    return config_lib.validate(cfg)
+    return config_lib.from_json(path.read_text())
 
 
 def manager(workdir: pathlib.Path, keep: int = 3) -> ocp.CheckpointManager:
@@ -68,18 +62,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator=None) -> N
     mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
 
-def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None, set_aside: bool = False):
-    """(step, state) from the newest readable checkpoint (the iterator is restored in place), or None.
-
-    With set_aside, an unreadable checkpoint is moved to workdir/corrupt_checkpoints/<step> (kept for
-    inspection, out of the way of the run that redoes its steps).
-    """
+def _restore_newest(mngr: ocp.CheckpointManager, args_at, set_aside: bool = False):
+    """(step, restored items) from the newest checkpoint `mngr.restore(step, args=args_at(step))` can read,
+    or None. With set_aside, an unreadable checkpoint is moved to workdir/corrupt_checkpoints/<step> (kept for
+    inspection, out of the way of the run that redoes its steps)."""
     for step in sorted(mngr.all_steps(), reverse=True):
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None and (pathlib.Path(mngr.directory) / str(step) / "data").exists():
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
-            restored = mngr.restore(step, args=ocp.args.Composite(**items))
+            return step, mngr.restore(step, args=args_at(step))
         except Exception as error:  # any unreadable checkpoint: fall back to the one before
             reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
             print(
@@ -96,24 +85,41 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=No
                     )
                 multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
                 mngr.reload()
-            continue
-        return step, restored["state"]
     return None
 
 
+def restore_latest(mngr: ocp.CheckpointManager, abstract_state, data_iterator=None, set_aside: bool = False):
+    """(step, state) from the newest readable checkpoint (the iterator is restored in place), or None."""
+
+    def args_at(step: int) -> ocp.args.Composite:
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iterator is not None and (pathlib.Path(mngr.directory) / str(step) / "data").exists():
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        return ocp.args.Composite(**items)
+
+    found = _restore_newest(mngr, args_at, set_aside)
+    return None if found is None else (found[0], found[1]["state"])
+
+
 def load_params(workdir: str | pathlib.Path, step: int | None = None):
-    """(config, params) of a run: the given step's checkpoint, or the newest readable one."""
+    """(config, params) of a run: the given step's checkpoint, or the newest readable one.
+
+    Restores the parameters alone (orbax partial restore): reading weights builds no optimizer.
+    """
     workdir = pathlib.Path(workdir)
     cfg = read_config(workdir)
-    abstract = jax.eval_shape(lambda: train_state.init_state(cfg, jax.random.key(0)))
+    target = {"params": gpt.param_shapes(cfg.model)}
+    restore = ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+    )
+    args = ocp.args.Composite(state=restore)
     with manager(workdir) as mngr:
         if step is not None:
-            state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-            return cfg, state["state"].params
-        found = restore_latest(mngr, abstract)
+            return cfg, mngr.restore(step, args=args)["state"]["params"]
+        found = _restore_newest(mngr, lambda _: args)
     if found is None:
         raise CheckpointError(f"no readable checkpoint in {workdir / 'checkpoints'}")
-    return cfg, found[1].params
+    return cfg, found[1]["state"]["params"]
 
 
 def save_params(workdir: str | pathlib.Path, cfg: ml_collections.ConfigDict, params) -> None:
