@@ -87,38 +87,44 @@ def _tiny(shape=(0, 0, 0)):
     return validate(cfg)
 
 
-def _batches(cfg, steps=3):
-    rng = np.random.default_rng(7)
+def _batches(cfg, seed, steps=3):
+    rng = np.random.default_rng(seed)
     shape = (steps, cfg.train.microbatches, 8, cfg.data.seq_len + 1)
     tokens = rng.integers(0, cfg.model.vocab_size, size=shape, dtype=np.int32)
     return [{"inputs": t[..., :-1], "targets": t[..., 1:]} for t in tokens]
 
 
 @pytest.fixture(scope="module")
-def single_device_losses():
+def seed() -> int:
+    """Fresh per run (printed in failure messages): initialisation and batches of the sharded-vs-one-device runs."""
+    return int(np.random.default_rng().integers(2**31))
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(seed):
     cfg = _tiny()
     step = jax.jit(train.make_train_step(cfg))  # one device, nothing sharded: the reference
-    state = train.init_state(cfg, jax.random.key(0))
+    state = train.init_state(cfg, jax.random.key(seed))
     losses = []
-    for batch in _batches(cfg):
+    for batch in _batches(cfg, seed):
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     return losses
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
-def test_sharded_training_equals_one_device(shape, single_device_losses):
+def test_sharded_training_equals_one_device(shape, seed, single_device_losses):
     cfg = _tiny(shape)
     devices = mesh.make_mesh(cfg.mesh)
     assert tuple(devices.shape.values()) == shape
-    state = mesh.init_sharded_state(cfg, devices, train.init_state, jax.random.key(0))
+    state = mesh.init_sharded_state(cfg, devices, train.init_state, jax.random.key(seed))
     step = mesh.jit_train_step(cfg, devices, train.make_train_step(cfg), jax.eval_shape(lambda: state))
     losses = []
-    for batch in _batches(cfg):
+    for batch in _batches(cfg, seed):
         state, metrics = step(state, jax.device_put(batch, mesh.batch_sharding(devices)))
         losses.append(float(metrics["loss"]))
-    np.testing.assert_allclose(losses, single_device_losses, rtol=0, atol=1e-5)
-    assert losses[0] != losses[-1]
+    np.testing.assert_allclose(losses, single_device_losses, rtol=0, atol=1e-5, err_msg=f"seed {seed}")
+    assert losses[0] != losses[-1], f"the state must change between steps (seed {seed})"
     kernel = state.params["blocks"]["fc1"]["kernel"]
     assert kernel.sharding.spec == P(None, "fsdp", "tensor")
     assert kernel.addressable_shards[0].data.shape == (2, 64 // shape[1], 256 // shape[2])
