@@ -82,8 +82,9 @@ def config_from_hf(hf: Mapping, name: str) -> ml_collections.ConfigDict:
 
 
 def params_from_hf(state: Mapping[str, np.ndarray], model: ml_collections.ConfigDict) -> dict:
-    """Our parameter tree from a GPT2LMHeadModel state dict (names with or without 'transformer.')."""
-    state = {k.removeprefix("transformer."): np.asarray(v, np.float32) for k, v in state.items()}
+    """Our parameter tree from a GPT2LMHeadModel state dict (names with or without 'transformer.'); only the
+    tensors used are converted to fp32 (not, e.g., old checkpoints' attention-mask buffers)."""
+    state = {k.removeprefix("transformer."): v for k, v in state.items()}
     d, heads = model.d_model, model.n_heads
     if "lm_head.weight" in state and not np.array_equal(state["lm_head.weight"], state["wte.weight"]):
         raise HFConversionError("HF lm_head.weight differs from wte.weight: chinchax ties the head")
@@ -91,7 +92,7 @@ def params_from_hf(state: Mapping[str, np.ndarray], model: ml_collections.Config
     def get(name: str) -> np.ndarray:
         if name not in state:
             raise HFConversionError(f"HF state dict has no {name!r} (is this a GPT-2 checkpoint?)")
-        return state[name]
+        return np.asarray(state[name], np.float32)
 
     def stacked(name: str) -> np.ndarray:
         return np.stack([get(f"h.{i}.{name}") for i in range(model.n_layers)])
