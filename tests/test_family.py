@@ -118,9 +118,19 @@ def test_detailed_flops_count_against_a_hand_count():
     assert flops.plan(cfg).flops_per_token_6n == 6 * 111_050_496
 
 
-def test_dry_run_cli_every_point_in_seconds():
-    """The CLI contract: the plan, then one JSON object last on stdout; 13B included, nothing allocated."""
-    for name in ["chinchilla_13b", "mup_2.7b", "cpu_default"]:
+def test_dry_run_cli_every_point_in_seconds(cerebras_reference):
+    """The CLI contract: the plan, then one JSON object last on stdout; 13B included, nothing allocated. Its
+    numbers against the paper's table and formulas written here (Dey et al. 2023, App. E)."""
+    table = {row["name"]: row for row in cerebras_reference["sp"]}
+    # name: (V, S, d, L, params expected, tokens expected); cpu_default: byte vocab, 256 positions, d 64, 2 layers,
+    # 20 tokens per parameter rounded up to whole steps of 16 × 256 tokens.
+    cpu_params = 257 * 64 + 256 * 64 + 2 * (12 * 64**2 + 13 * 64) + 2 * 64
+    points = {
+        "chinchilla_13b": (50257, 2048, 5120, 40, table["13B"]["params"], table["13B"]["tokens"]),
+        "mup_2.7b": (50257, 2048, 2560, 32, table["2.7B"]["params"], 49041 * 528 * 2048),
+        "cpu_default": (257, 256, 64, 2, cpu_params, math.ceil(20 * cpu_params / 4096) * 4096),
+    }
+    for name, (V, S, d, L, params, tokens) in points.items():
         out = subprocess.run(
             [sys.executable, "-m", "experiments.run", f"--config={name}", "--dry_run"],
             capture_output=True,
@@ -129,18 +139,15 @@ def test_dry_run_cli_every_point_in_seconds():
             check=True,
         )
         report = json.loads(out.stdout.strip().splitlines()[-1])
-        for key in (
-            "params",
-            "non_embedding_params",
-            "tokens",
-            "train_flops",
-            "flops_per_token",
-            "mesh",
-        ):
+        for key in ("params", "non_embedding_params", "tokens", "train_flops", "flops_per_token", "mesh"):
             assert key in report, key
-        assert report["train_flops"] == pytest.approx(report["tokens"] * report["flops_per_token"])
-        assert report["non_embedding_params"] < report["params"]
-    assert report["params"] == flops.param_count(configs.get("cpu_default").model)
+        assert report["params"] == params == V * d + S * d + L * (12 * d**2 + 13 * d) + 2 * d, name
+        assert report["non_embedding_params"] == L * (12 * d**2 + 13 * d) + 2 * d, name
+        assert report["tokens"] == tokens, name
+        # forward per token: 2·(QKV, out, fc1, fc2 weights) + 2·2·S·d (scores, values) per layer, 2·d·V logits
+        forward = L * (2 * 12 * d * d + 2 * 2 * S * d) + 2 * d * V
+        assert report["flops_per_token"] == 3 * forward, name
+        assert report["train_flops"] == pytest.approx(tokens * 3 * forward, rel=1e-12), name
 
 
 @pytest.mark.parametrize(

@@ -98,19 +98,49 @@ def random_law(rng) -> fit.ChinchillaLaw:
     )
 
 
+def chinchilla_loss(law_constants, n, d):
+    """Hoffmann et al.'s parametric loss written out: L(N, D) = E + A / N^α + B / D^β (float64)."""
+    A, B, E, alpha, beta = law_constants
+    return E + A / np.float64(n) ** alpha + B / np.float64(d) ** beta
+
+
+def closed_form_allocation(law_constants, flops):
+    """Hoffmann et al. (2022), Eq. 4 with C = 6ND: N_opt = G·(C/6)^(β/(α+β)), D_opt = G⁻¹·(C/6)^(α/(α+β)),
+    G = (αA / (βB))^(1/(α+β))."""
+    A, B, _, alpha, beta = law_constants
+    g = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
+    return g * (flops / 6.0) ** (beta / (alpha + beta)), (flops / 6.0) ** (alpha / (alpha + beta)) / g
+
+
 def test_allocation_matches_numerical_minimum():
-    rng = np.random.default_rng(fresh_seed())
+    """The law's N_opt(C), D_opt(C) and loss against the formula written inline, its closed-form optimum and
+    scipy's minimum of the inline formula along 6ND = C."""
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
     law = random_law(rng)
+    constants = (law.A, law.B, law.E, law.alpha, law.beta)
+    n, d = 10.0 ** rng.uniform(6, 12, 5), 10.0 ** rng.uniform(8, 13, 5)
+    np.testing.assert_allclose(
+        law.loss(n, d), chinchilla_loss(constants, n, d), rtol=1e-13, err_msg=f"seed {seed}"
+    )
     for flops in 10.0 ** rng.uniform(18, 24, 4):
-        along_budget = lambda log_n: law.loss(np.exp(log_n), flops / (6.0 * np.exp(log_n)))  # noqa: B023
+        n_closed, d_closed = closed_form_allocation(constants, flops)
+
+        def along_budget(log_n, flops=flops):
+            return chinchilla_loss(constants, np.exp(log_n), flops / (6.0 * np.exp(log_n)))
+
         best = scipy.optimize.minimize_scalar(
             along_budget, bounds=(5, 40), method="bounded", options={"xatol": 1e-10}
         )
-        assert law.optimal_params()(flops) == pytest.approx(np.exp(best.x), rel=1e-4)
-        assert law.optimal_params()(flops) * law.optimal_tokens()(flops) * 6 == pytest.approx(
-            flops, rel=1e-12
-        )
-    assert law.optimal_params().exponent == pytest.approx(law.beta / (law.alpha + law.beta))
+        assert np.exp(best.x) == pytest.approx(n_closed, rel=1e-4), seed  # the reference agrees with itself
+        assert law.optimal_params()(flops) == pytest.approx(n_closed, rel=1e-12), (seed, flops)
+        assert law.optimal_tokens()(flops) == pytest.approx(d_closed, rel=1e-12), (seed, flops)
+        assert law.optimal_loss(flops) == pytest.approx(
+            chinchilla_loss(constants, n_closed, d_closed), rel=1e-12
+        ), (seed, flops)
+    total = law.alpha + law.beta
+    assert law.optimal_params().exponent == pytest.approx(law.beta / total, rel=1e-14), seed
+    assert law.optimal_tokens().exponent == pytest.approx(law.alpha / total, rel=1e-14), seed
 
 
 def isoflop_data(law, rng, budgets, sizes_per_budget=9, noise=0.001):

@@ -135,9 +135,12 @@ def test_chinchax_matches_hf_model_in_lm_eval(setup, monkeypatch):
     assert any(g[0].strip() for g in generated)
 
 
-def test_lm_eval_command_finds_the_registered_model(setup, tmp_path):
-    """`python -m chinchax.lm_eval_adapter --model chinchax --model_args workdir=DIR ...` on a saved run."""
-    tmp, _ = setup
+def test_lm_eval_command_finds_the_registered_model(setup, tmp_path, monkeypatch):
+    """`python -m chinchax.lm_eval_adapter --model chinchax --model_args workdir=DIR ...` on a saved run gives
+    the numbers of lm-eval's own `hf` model on the same weights: accuracies and every choice's loglikelihood."""
+    tmp, seed = setup
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg, params = hf.load_hf_folder(tmp / "hf")
     checkpoint.save_params(tmp_path / "run", cfg, params)
     done = subprocess.run(
@@ -157,22 +160,40 @@ def test_lm_eval_command_finds_the_registered_model(setup, tmp_path):
             str(tmp / "tasks"),
             "--output_path",
             str(tmp_path / "out"),
+            "--log_samples",
         ],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=600,
-        env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
-    expected = lm_eval.simple_evaluate(
-        model=lm_eval_model.ChinchaxLM(cfg=cfg, params=params),
+    samples = [json.loads(line) for line in next((tmp_path / "out").rglob("samples_toy_mc_*.jsonl")).open()]
+    theirs = run_mc_with_hf(tmp)
+    for metric in ("acc,none", "acc_norm,none"):
+        assert results["results"]["toy_mc"][metric] == theirs["results"]["toy_mc"][metric], (metric, seed)
+    # the samples file holds each (loglikelihood, is_greedy) as strings (str of a float round-trips exactly)
+    in_order = sorted(samples, key=lambda s: s["doc_id"])
+    ll_ours = np.array([[float(ll) for ll, _ in s["filtered_resps"]] for s in in_order])
+    ll_theirs = np.array([[ll for ll, _ in doc] for doc in responses(theirs, "toy_mc")])
+    assert ll_ours.shape == (16, 4) and np.abs(ll_theirs).max() > 5, seed
+    np.testing.assert_allclose(ll_ours, ll_theirs, atol=1e-4, rtol=0, err_msg=f"seed {seed}")
+
+
+def run_mc_with_hf(tmp):
+    """lm-eval's `hf` model (transformers GPT-2) on the saved HF folder, toy_mc only."""
+    return lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={tmp / 'hf'},dtype=float32",
         tasks=["toy_mc"],
         task_manager=TaskManager(include_path=str(tmp / "tasks")),
+        num_fewshot=0,
+        log_samples=True,
         bootstrap_iters=0,
+        batch_size=4,
+        device="cpu",
     )
-    assert results["results"]["toy_mc"]["acc,none"] == expected["results"]["toy_mc"]["acc,none"]
 
 
 def test_registry_and_presets():

@@ -1,22 +1,32 @@
 """The sweep launcher: runs, skips done points, records divergence, gathers summaries, writes SLURM / commands.
 
 Fast tests swap experiments.run for a stand-in script that writes a summary computed from its arguments; the
-slow test trains the real `smoke` sweep twice through the CLI.
+μTransfer analysis is checked on rows with a known argmin; the real `smoke` sweep trains twice through the
+CLI, and one of its points, killed at a checkpoint, resumes bit-identically when the sweep is rerun.
 """
 
 import csv
+import dataclasses
+import functools
 import json
+import math
+import os
 import pathlib
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
 import pytest
+import tensorstore as ts
 
-from chinchax.scaling import launch, plan
+from chinchax import data
+from chinchax.scaling import launch, plan, report
 from chinchax.scaling import sweep as sweep_lib
+from experiments.configs import sweeps
 from tests.conftest import REPO
 
 # The stand-in trainer: loss from a known compute law of the point's FLOPs (given as tokens · 1e6), an
@@ -99,7 +109,7 @@ def test_compute_law_analysis_recovers_the_exponent(fake_runner):
     root = fake_runner
     sweep = ladder_sweep(np.zeros(7))
     launch.run_local(sweep, root, REPO, progress=False)
-    summary = sweep_lib.analyse(sweep, root, sweep_lib.gather(sweep, root), resamples=20)
+    summary = report.analyse(sweep, root, sweep_lib.gather(sweep, root), resamples=20)
     saved = json.loads((root / "fit.json").read_text())
     assert saved["alpha"] == pytest.approx(0.1, rel=0.02) and saved["E"] == pytest.approx(1.5, rel=0.02)
     assert saved["r2"] > 0.999 and summary["alpha"] == saved["alpha"]
@@ -126,25 +136,40 @@ def test_divergence_is_recorded_and_failure_reported(fake_runner):
     assert [r["point"] for r in sweep_lib.gather(sweep, root)] == ["ok"]
 
 
-def test_mutransfer_reports_the_best_lr_per_width(fake_runner):
-    root = fake_runner
-    lrs = (0.001, 0.003, 0.01, 0.03, 99.0)
-    points = tuple(
-        plan.Point(
-            f"{par}_w{w}_lr{lr:g}",
-            "cpu_tiny",
-            (("train.tokens", 10**6 * w), ("train.peak_lr", lr)),
-            {"parametrization": par, "width": w, "lr": lr},
-        )
-        for par in ("sp", "mup")
-        for w in (64, 128)
-        for lr in lrs
-    )
-    sweep = sweep_lib.Sweep("mt", "test", points, analysis="mutransfer")
-    launch.run_local(sweep, root, REPO, parallel=2, progress=False)
-    summary = sweep_lib.analyse(sweep, root, sweep_lib.gather(sweep, root))
-    assert summary["best_lr"] == {p: {"64": 0.01, "128": 0.01} for p in ("mup", "sp")}
-    assert len(summary["diverged"]) == 4
+def test_mutransfer_reports_the_argmin_lr_per_width(tmp_path):
+    """Given rows of (parametrization, width, lr, loss) with a known argmin per width (fresh random losses, rows
+    shuffled, one diverged lr per width left out of the rows), the μTransfer analysis reports those lrs."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    root = tmp_path / "root"
+    lrs = sorted(10.0 ** rng.uniform(-4, -0.5, 6))
+    points, rows, diverged, expected = [], [], [], {}
+    for par in ("sp", "mup"):
+        for width in (32, 64, 128):
+            lost = int(rng.integers(len(lrs)))  # this lr diverged: it has no row
+            losses = rng.uniform(2.0, 4.0, len(lrs))
+            for i, (lr, loss) in enumerate(zip(lrs, losses, strict=True)):
+                name = f"{par}_w{width}_lr{i}"
+                points.append(
+                    plan.Point(name, "cpu_tiny", (), {"parametrization": par, "width": width, "lr": lr})
+                )
+                if i == lost:
+                    diverged.append(name)
+                    (root / "diverged").mkdir(parents=True, exist_ok=True)
+                    (root / "diverged" / f"{name}.json").write_text(json.dumps({"point": name}))
+                    continue
+                rows.append(
+                    {"point": name, "parametrization": par, "width": width, "lr": lr, "loss": float(loss)}
+                )
+            kept = [(loss, lr) for i, (lr, loss) in enumerate(zip(lrs, losses, strict=True)) if i != lost]
+            expected.setdefault(par, {})[str(width)] = min(kept)[1]
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    sweep = sweep_lib.Sweep("mt", "test", tuple(points), analysis="mutransfer")
+    summary = report.analyse(sweep, root, rows)
+    assert summary["best_lr"] == expected, seed
+    assert sorted(summary["diverged"]) == sorted(diverged), seed
+    saved = json.loads((root / "mutransfer.json").read_text())
+    assert saved["best_lr"] == expected and sorted(saved["diverged"]) == sorted(diverged), seed
     assert pathlib.Path(summary["plot"]).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -190,7 +215,11 @@ def test_smoke_sweep_trains_then_resumes_by_skipping(tmp_path):
 
 
 def assert_trained_smoke_results(root: pathlib.Path) -> None:
-    """results.csv lists both smoke points with their summary.json values; their losses are finite, < 6 nats."""
+    """results.csv lists both smoke points with their summary.json values; each point trained: its validation
+    loss is finite and clearly below log 257 (an untrained model: its near-zero logits give every byte and EOS
+    the same probability). 8 steps do not reach the validation split's unigram entropy (≈ 3.2 nats); the
+    summary's figure for it is checked against numpy here, and test_killed_point_resumes_from_its_checkpoint
+    trains a smoke point long enough to get clearly below it."""
     with open(root / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [r["point"] for r in table] == ["d16", "d32"]
@@ -199,4 +228,140 @@ def assert_trained_smoke_results(root: pathlib.Path) -> None:
         assert summary["name"] == row["point"]
         for key in sweep_lib.SUMMARY_COLUMNS:
             assert float(row[key]) == summary[key]
-        assert np.isfinite(summary["final_eval_loss"]) and summary["final_eval_loss"] < 6.0
+        assert np.isfinite(summary["final_eval_loss"]), summary
+        assert summary["final_eval_loss"] < math.log(257) - UNTRAINED_MARGIN, summary
+        assert summary["validation_unigram_entropy"] == pytest.approx(validation_unigram_entropy(), rel=1e-12)
+
+
+UNTRAINED_MARGIN = 0.2  # nats below log 257 (the 8-step smoke points reach 0.35 and 0.7 below)
+
+
+@functools.cache
+def validation_unigram_entropy() -> float:
+    """Entropy (nats/token, float64) of the token frequencies of the embedded corpus's byte-level validation split,
+    read from the token store's zarr array with tensorstore and counted with numpy."""
+    store = data.resolve_store("embedded", "bytes", progress=False)  # where the store is, not what it holds
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(store / "validation")}}
+    tokens = ts.open(spec, read=True).result().read().result()
+    counts = np.bincount(np.asarray(tokens, np.int64), minlength=257).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# The smoke sweep's d32 point trained longer, logging every step and checkpointing every CHECKPOINT_EVERY steps.
+RESUME_STEPS = 200
+CHECKPOINT_EVERY = 40
+RESUME_OVERRIDES = (
+    ("train.tokens", RESUME_STEPS * 8 * 256),
+    ("train.log_every", 1),
+    ("train.checkpoint_every", CHECKPOINT_EVERY),
+    ("train.keep_checkpoints", RESUME_STEPS // CHECKPOINT_EVERY),
+)
+# What two runs of one point share bit for bit (wall times, rates and MFU differ).
+DETERMINISTIC_RECORD = ("step", "tokens", "loss", "lr", "grad_norm", "eval_loss")
+DETERMINISTIC_SUMMARY = (
+    "final_train_loss",
+    "final_eval_loss",
+    "final_test_loss",
+    "validation_unigram_entropy",
+    "params",
+    "non_embedding_params",
+    "tokens",
+    "steps",
+    "train_flops",
+)
+
+
+def trainer_pid(workdir: pathlib.Path) -> int | None:
+    """The pid of this process's child that runs experiments.run in `workdir` (read from /proc)."""
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == os.getpid() and f"--workdir={workdir}".encode() in argv:
+            return int(entry.name)
+    return None
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+    """Steps of the complete checkpoints (orbax renames a temporary folder to <step> when one is done)."""
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def kill_at_first_checkpoint(workdir: pathlib.Path, killed: dict, limit: float = 300.0) -> threading.Thread:
+    """A thread that SIGKILLs the point's trainer once a complete checkpoint is in its workdir."""
+
+    def watch():
+        deadline = time.monotonic() + limit
+        while time.monotonic() < deadline:
+            pid = trainer_pid(workdir)
+            if pid is not None and checkpoint_steps(workdir):
+                os.kill(pid, signal.SIGKILL)
+                killed["pid"] = pid
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def deterministic_records(workdir: pathlib.Path) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k in DETERMINISTIC_RECORD} for line in lines]
+
+
+def test_killed_point_resumes_from_its_checkpoint(tmp_path):
+    """The local launcher on a smoke point: its trainer SIGKILLed once its first checkpoint is on disk is a
+    failed point; rerunning the sweep resumes it from its newest checkpoint, and it ends bit-identical to an
+    uninterrupted run of the same point, with a validation loss clearly below the unigram entropy."""
+    smoke = sweeps.get("smoke")
+    point = next(p for p in smoke.points if p.name == "d32")
+    point = dataclasses.replace(point, overrides=point.overrides + RESUME_OVERRIDES)
+    sweep = sweep_lib.Sweep("smoke_resume", "test", (point,))
+    killed_root, straight_root = tmp_path / "killed", tmp_path / "straight"
+    workdir = killed_root / "runs" / point.name
+
+    killed: dict = {}
+    watcher = kill_at_first_checkpoint(workdir, killed)
+    outcomes = launch.run_local(sweep, killed_root, REPO, progress=False)
+    watcher.join(timeout=5)
+    log = (killed_root / "logs" / f"{point.name}.log").read_text()
+    assert "pid" in killed, f"the trainer was never killed at a checkpoint:\n{log[-3000:]}"
+    assert [(o.point, o.status) for o in outcomes] == [(point.name, "failed")], (outcomes, log[-3000:])
+    assert "exit -9" in outcomes[0].message, outcomes
+    assert not (workdir / "summary.json").exists()
+    saved = checkpoint_steps(workdir)  # the trainer is dead: nothing changes these any more
+    assert saved and max(saved) < RESUME_STEPS and max(saved) % CHECKPOINT_EVERY == 0, saved
+    resume_step = max(saved)
+
+    again = launch.run_local(sweep, killed_root, REPO, progress=False)
+    assert [(o.point, o.status) for o in again] == [(point.name, "done")], again
+    log = (killed_root / "logs" / f"{point.name}.log").read_text()
+    commands = [line for line in log.splitlines() if line.startswith("$ ")]  # the launcher's line per start
+    assert len(commands) == 2 and f"resumed from step {resume_step} in {workdir}" in log, log[-3000:]
+    assert log.count("resumed from step") == 1, log[-3000:]
+
+    straight = launch.run_local(sweep, straight_root, REPO, progress=False)
+    assert [(o.point, o.status) for o in straight] == [(point.name, "done")], straight
+    reference = straight_root / "runs" / point.name
+    assert "resumed from step" not in (straight_root / "logs" / f"{point.name}.log").read_text()
+
+    resumed_records, reference_records = deterministic_records(workdir), deterministic_records(reference)
+    assert [r["step"] for r in reference_records] == list(range(1, RESUME_STEPS + 1))
+    assert resumed_records == reference_records  # bit-exact: floats compared by ==
+    resumed_summary = json.loads((workdir / "summary.json").read_text())
+    reference_summary = json.loads((reference / "summary.json").read_text())
+    for key in DETERMINISTIC_SUMMARY:
+        assert resumed_summary[key] == reference_summary[key], key
+    entropy = validation_unigram_entropy()
+    assert reference_summary["validation_unigram_entropy"] == pytest.approx(entropy, rel=1e-12)
+    assert reference_summary["final_eval_loss"] < entropy - TRAINED_MARGIN, (reference_summary, entropy)
+
+
+TRAINED_MARGIN = 0.3  # nats below the unigram entropy after RESUME_STEPS steps (measured: about 0.7 below)

@@ -48,7 +48,6 @@ PRESETS = {
     "cerebras_gpt_0shot": (CEREBRAS_GPT_TASKS, 0),
     "cerebras_gpt_5shot": (CEREBRAS_GPT_TASKS, 5),
 }
-MIN_BUCKET = 16
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -109,9 +108,6 @@ class ChinchaxLM(TemplateLM):
     def tok_decode(self, tokens) -> str:
         return self.tokenizer_.decode(tokens)
 
-    def _bucket(self, length: int) -> int:
-        return min(self.max_length, max(MIN_BUCKET, 1 << (length - 1).bit_length()))
-
     def _loglikelihood_tokens(
         self, requests, disable_tqdm: bool = False, **kwargs
     ) -> list[tuple[float, bool]]:
@@ -127,7 +123,7 @@ class ChinchaxLM(TemplateLM):
         bar = tqdm(total=len(rows), desc="chinchax loglikelihood", disable=disable_tqdm)
         for start in range(0, len(order), self.batch_size):
             chosen = order[start : start + self.batch_size]
-            length = self._bucket(len(rows[chosen[0]][0]))
+            length = sample.bucket(len(rows[chosen[0]][0]), self.max_length)
             inputs = np.zeros((self.batch_size, length), np.int32)
             targets = np.zeros_like(inputs)
             mask = np.zeros(inputs.shape, bool)
