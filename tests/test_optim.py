@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from chinchax import config, parametrization
+from chinchax import config
 from chinchax.model import gpt
 from chinchax.training import optim
 from experiments import configs
@@ -70,24 +70,67 @@ def test_schedule_is_in_tokens_across_a_batch_ramp():
         assert float(lr(step)) == pytest.approx(expected, rel=1e-5), step
 
 
+# Which row of reference/cerebras_gpt.json's μP rules each parameter falls under, by its name (module/param).
+MUP_RULE_OF_NAME = {
+    "token_embed/embedding": "embeddings (token + position)",
+    "position_embed": "embeddings (token + position)",
+    "blocks/qkv/kernel": "Q, K, V, fc1 weights",
+    "blocks/fc1/kernel": "Q, K, V, fc1 weights",
+    "blocks/attn_out/kernel": "attn-out, fc2 weights",
+    "blocks/fc2/kernel": "attn-out, fc2 weights",
+}
+
+
+def torch_group_of(name, cfg, cerebras):
+    """(LR multiplier, weight decay) of a parameter, from its name and the paper's rules (not chinchax's).
+
+    μP: the rule text's "LR eta_base / m" → 1/m with m = d_model / base_width, "LR eta_base" → 1; biases and
+    LayerNorm (γ, β) follow "LayerNorm, biases". Weight decay is off for biases and LayerNorm, on for the
+    rest ("biases and LayerNorm params (embeddings ARE decayed)"). SP: every LR multiplier is 1.
+    """
+    module = name.split("/")[-2] if "/" in name else name
+    is_norm = module.startswith("ln_")
+    is_bias = name.endswith("/bias")
+    excluded = cerebras["common"]["optimizer"]["weight_decay_excludes"]
+    assert excluded.startswith("biases and LayerNorm"), excluded
+    decay = cfg.train.weight_decay if not (is_bias or is_norm) else 0.0
+    if cfg.model.parametrization == "sp":
+        return 1.0, decay
+    mup = cerebras["mup"]
+    rule = "LayerNorm, biases" if (is_bias or is_norm) else MUP_RULE_OF_NAME[name]
+    lr_text = mup["rules"][rule].split("LR ")[1].split(",")[0].strip()
+    m = cfg.model.d_model / mup["base_width"]
+    return {"eta_base": 1.0, "eta_base / m": 1.0 / m}[lr_text], decay
+
+
 @pytest.mark.parametrize("parametrization_name", ["sp", "mup"])
-def test_updates_match_torch_adamw_with_param_groups(parametrization_name):
+def test_updates_match_torch_adamw_with_param_groups(parametrization_name, cerebras_reference):
+    """Six steps against torch.optim.AdamW (float64) whose param groups come from the parameter names and
+    the paper's μP table: per-name LR multiplier (μP hidden matrices 1/m, here m = 0.5, so ×2) and weight
+    decay (off for biases and LayerNorm)."""
     cfg = tiny(parametrization_name)
-    rng = np.random.default_rng()
-    params = gpt.init_params(cfg.model, jax.random.key(int(rng.integers(2**31))))
-    leaves, treedef = jax.tree.flatten(params)
-    roles = jax.tree.leaves(parametrization.param_roles(params))
-    rules = parametrization.rules(cfg.model)
+    seed = int(np.random.default_rng().integers(2**31))
+    rng = np.random.default_rng(seed)
+    params = gpt.init_params(cfg.model, jax.random.key(seed))
+    named, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [jax.tree_util.keystr(path, simple=True, separator="/") for path, _ in named]
+    leaves = [x for _, x in named]
+    expected_names = {
+        *MUP_RULE_OF_NAME,
+        *(f"blocks/{m}/bias" for m in ("qkv", "attn_out", "fc1", "fc2", "ln_1", "ln_2")),
+        *(f"{ln}/scale" for ln in ("blocks/ln_1", "blocks/ln_2", "ln_f")),
+        "ln_f/bias",
+    }
+    assert set(names) == expected_names, sorted(set(names) ^ expected_names)
 
     torch_params = [torch.nn.Parameter(torch.tensor(np.asarray(x), dtype=torch.float64)) for x in leaves]
-    groups = [
-        {
-            "params": [p],
-            "lr_mult": rules[r].lr_multiplier,
-            "weight_decay": 0.1 if rules[r].weight_decay else 0.0,
-        }
-        for p, r in zip(torch_params, roles, strict=True)
-    ]
+    groups = []
+    for p, name in zip(torch_params, names, strict=True):
+        lr_mult, decay = torch_group_of(name, cfg, cerebras_reference)
+        groups.append({"params": [p], "lr_mult": lr_mult, "weight_decay": decay, "name": name})
+    if parametrization_name == "mup":  # the groups really differ: hidden ×2 (m = 0.5), no decay on biases/LN
+        assert {g["lr_mult"] for g in groups} == {1.0, 2.0}
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.1}
     torch_opt = torch.optim.AdamW(groups, lr=1.0, betas=(0.9, 0.95), eps=1e-8)
     opt = optim.make_optimizer(cfg, params, cfg.train.tokens)
     state = opt.init(params)
@@ -105,5 +148,11 @@ def test_updates_match_torch_adamw_with_param_groups(parametrization_name):
             group["lr"] = expected_lr(cfg, step) * group["lr_mult"]
         torch_opt.step()
         ours = jax.tree.leaves(params)
-        for a, b in zip(ours, torch_params, strict=True):
-            np.testing.assert_allclose(np.asarray(a), b.detach().numpy(), rtol=2e-4, atol=2e-6)
+        for a, b, name in zip(ours, torch_params, names, strict=True):
+            np.testing.assert_allclose(
+                np.asarray(a),
+                b.detach().numpy(),
+                rtol=2e-4,
+                atol=2e-6,
+                err_msg=f"{name} after step {step + 1} (seed {seed})",
+            )

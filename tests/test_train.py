@@ -46,17 +46,30 @@ def losses(workdir):
     return [json.loads(l)["loss"] for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def logged_steps(workdir):
+def metrics_lines(workdir):
     path = pathlib.Path(workdir) / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    return path.read_text().splitlines() if path.exists() else []
 
 
-def wait_for_steps(workdir, steps, process, timeout=240):
+def logged_steps(workdir):
+    return len(metrics_lines(workdir))
+
+
+def complete_checkpoints(workdir):
+    """Steps of the checkpoints written completely (orbax renames a temporary folder to <step> when done)."""
+    folder = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def wait_until(condition, process, what, timeout=240, poll=0.05):
+    """Poll until condition() holds; fail if the run exits or stalls first."""
     deadline = time.time() + timeout
-    while logged_steps(workdir) < steps:
-        assert process.poll() is None, process.stderr.read() if process.stderr else "exited early"
-        assert time.time() < deadline, "training did not progress"
-        time.sleep(0.05)
+    while not condition():
+        if process.poll() is not None:
+            stderr = process.stderr.read() if process.stderr else ""
+            raise AssertionError(f"the run exited (status {process.returncode}) before {what}:\n{stderr}")
+        assert time.time() < deadline, f"training did not progress to {what}"
+        time.sleep(poll)
 
 
 def assert_same_params(dir_a, dir_b):
@@ -108,45 +121,111 @@ def test_loss_decreases_and_summary_contract(reference_run):
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference_run, tmp_path):
+    """Killed (SIGKILL) at a random step once a checkpoint is on disk, the rerun resumes from the newest
+    complete checkpoint (not from 0) and ends bit-identical to the uninterrupted run."""
     workdir, summary = reference_run
     kill_after = random.randint(9, STEPS - 3)
     process = subprocess.Popen(
         run_args(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    wait_for_steps(tmp_path, kill_after, process)
+    wait_until(
+        lambda: logged_steps(tmp_path) >= kill_after and complete_checkpoints(tmp_path),
+        process,
+        f"step {kill_after} with a complete checkpoint on disk",
+    )
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (tmp_path / "summary.json").exists()
-    complete = [p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    context = f"killed after step {logged_steps(tmp_path)} (aimed at {kill_after})"
+    assert not (tmp_path / "summary.json").exists(), context
+    saved = complete_checkpoints(tmp_path)
+    assert saved, f"no complete checkpoint at the kill; {context}"
+    resume_step = max(saved)
+    assert 4 <= resume_step < STEPS, (saved, context)
+    kept_records = metrics_lines(tmp_path)[:resume_step]
+    assert len(kept_records) == resume_step, context
+
     resumed = subprocess.run(run_args(tmp_path), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    if complete:  # an async save may still have been in flight at the kill
-        assert f"resumed from step {max(map(int, complete))}" in resumed.stderr
+    assert f"resumed from step {resume_step} in" in resumed.stderr, (context, resumed.stderr)
+    # The records before the checkpoint are the killed run's, untouched (a rerun from step 0 rewrites them,
+    # with other tokens_per_second timings).
+    assert metrics_lines(tmp_path)[:resume_step] == kept_records, context
     assert (
         json.loads(resumed.stdout.strip().splitlines()[-1])["final_eval_loss"] == summary["final_eval_loss"]
-    )
-    assert losses(tmp_path) == losses(workdir), f"killed after step {kill_after}"
+    ), context
+    assert losses(tmp_path) == losses(workdir), context
     assert_same_params(tmp_path, workdir)
 
 
-def test_sigterm_saves_and_exits_within_one_step(tmp_path):
+def stop_with_sigterm(workdir, overrides, ready, what):
+    """Start a run, send SIGTERM once ready(workdir) holds; return (steps logged at the signal, the step the
+    run stopped at, checkpoint folders in flight at the signal)."""
     process = subprocess.Popen(
-        run_args(tmp_path, **{"train.checkpoint_every": 1000}),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        run_args(workdir, **overrides), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
-    wait_for_steps(tmp_path, 3, process)
-    steps_at_signal = logged_steps(tmp_path)
+    wait_until(lambda: ready(workdir), process, what, poll=0.002)
+    folder = workdir / "checkpoints"
+    in_flight = [p.name for p in folder.iterdir() if not p.name.isdigit()] if folder.is_dir() else []
+    steps_at_signal = logged_steps(workdir)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
+    assert "Resume with" in stderr, stderr
     stopped = int(stderr.split("stopped at step ")[1].split(";")[0])
-    assert steps_at_signal <= stopped <= steps_at_signal + 1
-    assert "Resume with" in stderr
+    assert not (workdir / "summary.json").exists()
+    return steps_at_signal, stopped, in_flight
+
+
+def resume_and_compare(workdir, overrides, stopped, reference_run, context):
+    """Rerun the stopped run to the end; it resumes from `stopped` and equals the uninterrupted run."""
+    reference, summary = reference_run
+    resumed = subprocess.run(run_args(workdir, **overrides), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from step {stopped} in" in resumed.stderr, (context, resumed.stderr)
+    assert (
+        json.loads(resumed.stdout.strip().splitlines()[-1])["final_eval_loss"] == summary["final_eval_loss"]
+    ), context
+    assert losses(workdir) == losses(reference), context
+    assert_same_params(workdir, reference)
+
+
+def test_sigterm_saves_exits_within_one_step_and_resumes_bit_identical(reference_run, tmp_path):
+    """SIGTERM between checkpoints: the run saves at the next step boundary, exits 0, and the rerun resumes
+    there and ends bit-identical (losses in metrics.jsonl, final params) to the uninterrupted run."""
+    overrides = {"train.checkpoint_every": 1000}
+    signal_after = random.randint(3, STEPS - 4)
+    steps_at_signal, stopped, _ = stop_with_sigterm(
+        tmp_path, overrides, lambda w: logged_steps(w) >= signal_after, f"step {signal_after}"
+    )
+    context = f"signal after step {steps_at_signal} (aimed at {signal_after}), stopped at {stopped}"
+    assert steps_at_signal <= stopped <= steps_at_signal + 1, context
+    assert complete_checkpoints(tmp_path) == [stopped], context
     _, params = checkpoint.load_params(tmp_path)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
-    assert (tmp_path / "checkpoints" / str(stopped)).is_dir()
+    resume_and_compare(tmp_path, overrides, stopped, reference_run, context)
+
+
+def test_sigterm_during_an_async_checkpoint_then_resume_is_bit_identical(reference_run, tmp_path):
+    """SIGTERM while an asynchronous save is being written (its temporary folder is on disk; here saves take
+    longer than a step, so one is almost always in flight), or else right after a checkpoint step's record
+    (the loop starts that step's save next): the stop path saves with a save in flight, and the rerun
+    resumes from the step it stopped at and ends bit-identical to the uninterrupted run."""
+    overrides = {"train.checkpoint_every": 2}
+    first = random.randint(4, STEPS - 8)
+
+    def ready(workdir):
+        folder = workdir / "checkpoints"
+        writing = folder.is_dir() and any(not p.name.isdigit() for p in folder.iterdir())
+        steps = logged_steps(workdir)
+        return (steps >= first and writing) or steps >= first + 4
+
+    steps_at_signal, stopped, in_flight = stop_with_sigterm(
+        tmp_path, overrides, ready, f"step {first} with a save in flight"
+    )
+    context = f"signal after step {steps_at_signal} (from step {first}), saves in flight: {in_flight}"
+    assert steps_at_signal <= stopped <= steps_at_signal + 1, context
+    assert stopped in complete_checkpoints(tmp_path), context
+    resume_and_compare(tmp_path, overrides, stopped, reference_run, context)
 
 
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
