@@ -51,7 +51,7 @@ STOPPABLE_RUN = textwrap.dedent(
         sys.exit(0)
     signal.signal(signal.SIGTERM, stop)
     (workdir / "started").touch()
-    time.sleep(60)
+    time.sleep(600)
     sys.exit("error: never stopped")
     """
 )
@@ -107,7 +107,7 @@ def test_slurm_array_tasks_train_then_skip(tmp_path):
     assert (tmp_path / "logs" / "d16.log").read_text() == log
 
 
-def interrupt_once(path: pathlib.Path, limit: float = 60.0) -> None:
+def interrupt_once(path: pathlib.Path, limit: float = 180.0) -> None:
     """Ctrl-C for the main thread as soon as `path` exists (after `limit` seconds at the latest)."""
 
     def watch():

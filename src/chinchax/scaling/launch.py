@@ -284,9 +284,10 @@ def run_ray(
         task = ray.remote(run_point_task)
         points = {task.options(**_ray_options(resources[p.name])).remote(root, p, cwd): p for p in todo}
         try:
-            while points:
-                (ready,), _ = ray.wait(list(points))
-                tally.add(_ray_outcome(ready, points.pop(ready)))
+            while points:  # wait in short slices, so Ctrl-C / SIGTERM reach this loop at once
+                ready, _ = ray.wait(list(points), timeout=1.0)
+                for ref in ready:
+                    tally.add(_ray_outcome(ref, points.pop(ref)))
         except KeyboardInterrupt:
             for ref in points:
                 ray.cancel(ref)
