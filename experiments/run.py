@@ -67,6 +67,7 @@ def main(argv):
         print(json.dumps(report))
         return
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    train.enable_compilation_cache()
     workdir = _WORKDIR.value or f"runs/{cfg.name}"
     summary = train.train(cfg, workdir)
     if summary is not None:

@@ -1,5 +1,7 @@
 """How the entry points end: one line `error: ...` and an exit status a launcher can act on."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -36,3 +38,29 @@ def test_bad_input_is_one_line_and_status_1(tmp_path):
         assert out.returncode == 1, out.stderr[-2000:]
         assert out.stderr.strip().splitlines() == [f"error: {out.stderr.strip()[7:]}"]
         assert expected in out.stderr
+
+
+def test_a_second_run_of_the_same_shape_compiles_nothing(tmp_path):
+    """JAX's persistent compilation cache: the second run adds no cache entry; the peak is not re-measured."""
+    cache = tmp_path / "jax_cache"
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    args = ["--config=cpu_tiny", "--config.train.tokens=40960"]
+
+    def run(name):
+        out = subprocess.run(
+            [sys.executable, "-m", "experiments.run", *args, f"--workdir={tmp_path / name}"],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    run("first")
+    entries = sorted(p.name for p in cache.iterdir())
+    assert entries, "the first run stored its compiled programs"
+    second = run("second")
+    assert sorted(p.name for p in cache.iterdir()) == entries, "the second run compiled something new"
+    assert "cached in" in second["peak_flops_source"]

@@ -9,10 +9,14 @@ MFU is quoted against; a CPU's peak is measured on the machine at hand.
 from __future__ import annotations
 
 import dataclasses
+import json
+import platform
 import time
 
 import jax
 import jax.numpy as jnp
+
+from chinchax import atomic, data
 
 GiB = 2**30
 
@@ -84,12 +88,25 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
+def _machine() -> str:
+    """This machine as a cache key: host name, CPU model, device kind, jax version."""
+    with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    return f"{platform.node()} | {model} | {jax.devices()[0].device_kind} | jax {jax.__version__}"
+
+
 def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
-    """(FLOP/s, where it came from): configured, else the device table (chinchax.parallel.hardware), else measured."""
+    """(FLOP/s, where it came from): configured, else the device table, else measured on this machine once and
+    kept in the chinchax cache (peak_flops.json), so runs and sweep points do not measure it again."""
     if configured > 0:
         return configured, "configured"
     kind = jax.devices()[0].device_kind
     device = by_kind(kind)
     if device is not None and device.peak_flops:
         return device.peak_flops, f"table ({device.source})"
-    return measure_matmul_peak(), f"measured fp32 matmul ({kind})"
+    path = data.default_cache_dir() / "peak_flops.json"
+    measured = json.loads(path.read_text()) if path.is_file() else {}
+    if _machine() not in measured:
+        measured[_machine()] = measure_matmul_peak()
+        atomic.write_json(path, measured)
+    return measured[_machine()], f"measured fp32 matmul ({kind}; cached in {path})"

@@ -117,6 +117,15 @@ def evaluate(cfg, eval_step, devices, params, store: pathlib.Path, split: str) -
     return float(np.mean(losses))
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled programs in JAX's persistent cache (<chinchax cache>/jax, unless JAX_COMPILATION_CACHE_DIR
+    names another), so a rerun or a sweep point of the same shape compiles nothing."""
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(data.default_cache_dir() / "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 def fit_to_devices(cfg: ml_collections.ConfigDict, devices) -> tuple[ml_collections.ConfigDict, object]:
     """cfg with 'auto' microbatches / remat resolved for this mesh and the memory plan's choice; ConfigError
     in one line, before anything is allocated, when no choice fits the devices' memory."""
