@@ -105,8 +105,8 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
     if device is not None and device.peak_flops:
         return device.peak_flops, f"table ({device.source})"
     path = data.default_cache_dir() / "peak_flops.json"
-    measured = json.loads(path.read_text()) if path.is_file() else {}
-    if _machine() not in measured:
-        measured[_machine()] = measure_matmul_peak()
+    measured, machine = (json.loads(path.read_text()) if path.is_file() else {}), _machine()
+    if machine not in measured:
+        measured[machine] = measure_matmul_peak()
         atomic.write_json(path, measured)
-    return measured[_machine()], f"measured fp32 matmul ({kind}; cached in {path})"
+    return measured[machine], f"measured fp32 matmul ({kind}; cached in {path})"

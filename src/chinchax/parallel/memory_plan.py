@@ -20,6 +20,7 @@ import math
 
 import jax
 import ml_collections
+from jax.sharding import NamedSharding
 
 from chinchax.config import AUTO, REMATS, ConfigError, batch_schedule, d_ffn
 from chinchax.model import gpt
@@ -66,21 +67,20 @@ class MemoryPlan:
         )
 
 
-def _axes_size(sizes: dict[str, int], axes) -> int:
-    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
-    return math.prod(sizes[a] for a in names)
-
-
 def param_shard_elements(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> int:
     """Parameter elements one device holds on a mesh of these axis sizes (by the logical-axis rules)."""
-    abstract = mesh.abstract_mesh(cfg.mesh, math.prod(sizes.values()))
-    specs = mesh.param_specs(cfg, abstract)
-    shapes = gpt.param_shapes(cfg.model)
-    total = 0
-    for spec, shape in zip(mesh.leaves(specs), mesh.leaves(shapes), strict=True):
-        axes = tuple(spec) + (None,) * (len(shape.shape) - len(spec))
-        total += math.prod(n // _axes_size(sizes, a) for n, a in zip(shape.shape, axes, strict=True))
-    return total
+    abstract = mesh.abstract_mesh_of(sizes)
+    specs = mesh.leaves(mesh.param_specs(cfg, abstract))
+    shapes = mesh.leaves(gpt.param_shapes(cfg.model))
+    return sum(
+        math.prod(NamedSharding(abstract, spec).shard_shape(shape.shape))
+        for spec, shape in zip(specs, shapes, strict=True)
+    )
+
+
+def _compute_bytes(model: ml_collections.ConfigDict) -> int:
+    """Bytes per element of activations and gathered weights in the compute dtype."""
+    return 2 if model.compute_dtype == "bfloat16" else FP32
 
 
 def activation_bytes(cfg: ml_collections.ConfigDict, sequences: int, tensor: int, remat: str) -> int:
@@ -92,7 +92,7 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sequences: int, tensor: int
     weight matmuls' outputs and the block input; 'full' keeps the block input; both recompute one block.
     """
     m, s = cfg.model, cfg.data.seq_len
-    width = 2 if m.compute_dtype == "bfloat16" else FP32
+    width = _compute_bytes(m)
     d, f, tokens = m.d_model, d_ffn(m), sequences * s
     scores = m.n_heads / tensor * s * (2 * FP32 + width) if m.attention == "xla" else 0
     block = tokens * (d * (2 * width + 2 * FP32) + (4 * d + 2 * f) / tensor * width + scores)
@@ -110,7 +110,7 @@ def plan(
     shard_elements: `param_shard_elements(cfg, sizes)` (independent of microbatches and remat: pass it in).
     """
     m = cfg.model
-    width = 2 if m.compute_dtype == "bfloat16" else FP32
+    width = _compute_bytes(m)
     tensor = sizes["tensor"]
     vocab_split = 1 if "vocab" in mesh.preset(cfg.mesh.preset).replicated else tensor
     shards = sizes["data"] * sizes["fsdp"]
@@ -179,23 +179,22 @@ def choose(
     counts = microbatch_counts(cfg, shards) if auto_count else [cfg.train.microbatches]
     remats = REMATS if cfg.model.remat == "auto" else (cfg.model.remat,)
     elements = param_shard_elements(_with(cfg, counts[0], remats[0]), sizes)
-    tried = []
+    tried = []  # (count, remat, total bytes, resolved config, plan)
     for count in counts:
         for remat in remats:
             candidate = _with(cfg, count, remat)
             memory = plan(candidate, sizes, device, elements)
-            tried.append((count, remat, memory.total))
+            tried.append((count, remat, memory.total, candidate, memory))
             if memory.total <= budget:
                 return candidate, Choice(
                     count, remat, memory, budget, _reason(tried, budget, device, shards, cfg)
                 )
-    count, remat, least = min(tried, key=lambda t: t[2])
-    candidate = _with(cfg, count, remat)
+    count, remat, least, candidate, memory = min(tried, key=lambda t: t[2])
     reason = (
         f"nothing fits {budget / GiB:.1f} GiB per device ({device.name} less {MARGIN:.0%}): the lightest plan, "
         f"{count} microbatch(es) with remat {remat}, needs {least / GiB:.1f} GiB"
     )
-    return candidate, Choice(count, remat, plan(candidate, sizes, device, elements), budget, reason)
+    return candidate, Choice(count, remat, memory, budget, reason)
 
 
 def _with(cfg: ml_collections.ConfigDict, microbatches: int, remat: str) -> ml_collections.ConfigDict:
@@ -207,7 +206,7 @@ def _with(cfg: ml_collections.ConfigDict, microbatches: int, remat: str) -> ml_c
 
 
 def _reason(tried: list, budget: int, device: hardware.Device, shards: int, cfg) -> str:
-    count, remat, total = tried[-1]
+    count, remat, total, *_ = tried[-1]
     micro = cfg.train.batch_size // count
     padded = -(-micro // shards) * shards
     text = (

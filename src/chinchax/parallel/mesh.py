@@ -132,8 +132,12 @@ def make_mesh(spec: ml_collections.ConfigDict | str, devices: Sequence[jax.Devic
 
 def abstract_mesh(spec: ml_collections.ConfigDict | str, device_count: int) -> AbstractMesh:
     """The mesh's shape without devices: enough for param_specs and the checks (e.g. a 16-chip preset here)."""
-    sizes = mesh_shape(spec, device_count)
-    return AbstractMesh(tuple(sizes.values()), AXES, axis_types=(AxisType.Auto,) * 3)
+    return abstract_mesh_of(mesh_shape(spec, device_count))
+
+
+def abstract_mesh_of(sizes: dict[str, int]) -> AbstractMesh:
+    """An abstract mesh of these axis sizes ({'data': d, 'fsdp': f, 'tensor': t})."""
+    return AbstractMesh(tuple(sizes[axis] for axis in AXES), AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def rules(spec: ml_collections.ConfigDict | str) -> tuple:

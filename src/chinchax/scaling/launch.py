@@ -13,7 +13,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
-import json
 import os
 import pathlib
 import shlex
@@ -107,8 +106,8 @@ def run_point(
             return Outcome(point.name, "done", seconds)
         message = _last_error(log)
         if rc == DIVERGED_STATUS:
-            atomic.write_text(
-                diverged_path(root, point), json.dumps({"point": point.name, "error": message}) + "\n"
+            atomic.write_json(
+                diverged_path(root, point), {"point": point.name, "error": message}, indent=None
             )
             return Outcome(point.name, "diverged", seconds, message)
         return Outcome(point.name, "failed", seconds, f"exit {rc}: {message} (log: {log})")

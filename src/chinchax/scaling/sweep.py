@@ -83,7 +83,7 @@ def write_manifest(sweep: Sweep, root: pathlib.Path) -> None:
         for p in sweep.points
     ]
     manifest = {"sweep": sweep.name, "description": sweep.description, "analysis": sweep.analysis}
-    atomic.write_text(root / "sweep.json", json.dumps({**manifest, "points": points}, indent=1) + "\n")
+    atomic.write_json(root / "sweep.json", {**manifest, "points": points}, indent=1)
 
 
 def gather(sweep: Sweep, root: pathlib.Path) -> list[dict]:
