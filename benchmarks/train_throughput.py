@@ -1,12 +1,17 @@
 """Train-step throughput: our jit'd step against Hugging Face's PyTorch GPT2LMHeadModel + AdamW, one run.
 
-    python -m benchmarks.train_throughput [--d_model=256 --n_layers=6 --seq_len=256 --batch=16 --vocab=257]
+    python -m benchmarks.train_throughput [--shapes=a,b,c] [--steps=10]
 
-Both train the same shape (exact GELU, tied head, fp32) on the same random tokens; the table gives the
-median step time over --steps timed steps after warm-up, tokens/s, the ratio, and MFU against the fp32
-matmul peak measured by JAX in this same run (the detailed FLOPs count of chinchax.model.flops for both).
+Shapes (seq 256, batch 16, fp32): a = d128 L4 h4 vocab 50304, b = d256 L6 h8 vocab 50304, c = d256 L6 h8 vocab
+257 (the CPU configs' byte regime). For each shape both frameworks train the same model (exact GELU, tied head)
+on the same random tokens, back to back; the table gives the median step time over --steps timed steps after
+warm-up, tokens/s, the ratio, and MFU against the fp32 matmul peak JAX measures in this same run (before and after
+the shapes; the higher counts), with chinchax.model.flops' detailed count for both. Last on stdout, one JSON
+object: {"peak_gflops": P, "shapes": {"a": {"ours_tokens_per_s", "peer_tokens_per_s", "ratio", "ours_mfu",
+"peer_mfu"}, …}}.
 """
 
+import json
 import statistics
 import time
 
@@ -20,28 +25,25 @@ from chinchax.model import flops
 from chinchax.parallel import hardware
 from chinchax.training import train
 
-_D = flags.DEFINE_integer("d_model", 256, "Width.")
-_L = flags.DEFINE_integer("n_layers", 6, "Layers.")
-_HEADS = flags.DEFINE_integer("n_heads", 8, "Heads.")
-_SEQ = flags.DEFINE_integer("seq_len", 256, "Sequence length.")
-_BATCH = flags.DEFINE_integer("batch", 16, "Sequences per step.")
-_VOCAB = flags.DEFINE_integer("vocab", 257, "Vocabulary (257 bytes + EOS; 50257 for GPT-2 BPE).")
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per framework.")
+SEQ, BATCH = 256, 16
+SHAPES = {  # name: (d_model, n_layers, n_heads, vocab)
+    "a": (128, 4, 4, 50304),
+    "b": (256, 6, 8, 50304),
+    "c": (256, 6, 8, 257),
+}
+
+_SHAPES = flags.DEFINE_list("shapes", list(SHAPES), "Shapes to measure, from a, b, c.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per framework and shape.")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: torch's default).")
 
 
-def benchmark_config():
+def benchmark_config(d_model: int, n_layers: int, n_heads: int, vocab: int):
+    """A chinchax config of the shape, with the defaults a user gets (attention 'auto', dense loss)."""
     cfg = config.base_config()
     cfg.name = "bench"
-    cfg.model.update(
-        vocab_size=_VOCAB.value,
-        max_positions=_SEQ.value,
-        d_model=_D.value,
-        n_layers=_L.value,
-        n_heads=_HEADS.value,
-    )
-    cfg.data.update(tokenizer="bytes", seq_len=_SEQ.value)
-    cfg.train.update(batch_size=_BATCH.value, tokens=10**9, warmup_tokens=0)
+    cfg.model.update(vocab_size=vocab, max_positions=SEQ, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
+    cfg.data.update(tokenizer="bytes", seq_len=SEQ)
+    cfg.train.update(batch_size=BATCH, tokens=10**9, warmup_tokens=0)
     return config.validate(cfg)
 
 
@@ -85,6 +87,8 @@ def time_hf(cfg, tokens: np.ndarray) -> float:
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
     )
     model = transformers.GPT2LMHeadModel(hf_config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
@@ -104,26 +108,42 @@ def time_hf(cfg, tokens: np.ndarray) -> float:
 
 def main(argv):
     del argv
-    cfg = benchmark_config()
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (_BATCH.value, _SEQ.value + 1))
-    tokens = tokens.astype(np.int32)
-    per_step = _BATCH.value * _SEQ.value
-    flops_per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len)
+    unknown = set(_SHAPES.value) - set(SHAPES)
+    if unknown:
+        raise app.UsageError(f"--shapes: unknown {sorted(unknown)}; known: {', '.join(SHAPES)}")
     peak = hardware.measure_matmul_peak()
-    ours = time_chinchax(cfg, tokens)
-    hf = time_hf(cfg, tokens)
-    peak_after = hardware.measure_matmul_peak()
-    peak = max(peak, peak_after)
+    seconds = {}
+    for name in _SHAPES.value:
+        cfg = benchmark_config(*SHAPES[name])
+        tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
+        seconds[name] = (time_chinchax(cfg, tokens), time_hf(cfg, tokens), cfg)
+    peak = max(peak, hardware.measure_matmul_peak())
+
     print(
-        f"shape: d{_D.value} L{_L.value} h{_HEADS.value} seq {_SEQ.value} batch {_BATCH.value} "
-        f"vocab {_VOCAB.value}; {flops.param_count(cfg.model):,} params; "
-        f"{flops_per_token:,} FLOPs/token; measured JAX fp32 matmul peak {peak / 1e9:.1f} GFLOP/s"
+        f"seq {SEQ}, batch {BATCH}, fp32; JAX fp32 matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s"
     )
-    print(f"{'framework':28s} {'step (ms)':>10s} {'tokens/s':>10s} {'MFU':>7s}")
-    for name, seconds in [("chinchax (JAX, jit)", ours), ("HF GPT2LMHeadModel (torch)", hf)]:
-        rate = per_step / seconds
-        print(f"{name:28s} {seconds * 1e3:10.1f} {rate:10.0f} {rate * flops_per_token / peak:7.1%}")
-    print(f"ratio chinchax / HF tokens/s: {hf / ours:.2f}x")
+    print(
+        f"{'shape':34s} {'ours tok/s':>10s} {'HF tok/s':>10s} {'ratio':>6s} {'ours MFU':>9s} {'HF MFU':>7s}"
+    )
+    results = {}
+    for name, (ours, peer, cfg) in seconds.items():
+        m = cfg.model
+        per_token = flops.flops_per_token(m, SEQ)
+        ours_rate, peer_rate = BATCH * SEQ / ours, BATCH * SEQ / peer
+        results[name] = {
+            "ours_tokens_per_s": round(ours_rate, 1),
+            "peer_tokens_per_s": round(peer_rate, 1),
+            "ratio": round(ours_rate / peer_rate, 3),
+            "ours_mfu": round(ours_rate * per_token / peak, 4),
+            "peer_mfu": round(peer_rate * per_token / peak, 4),
+        }
+        r = results[name]
+        label = f"{name}: d{m.d_model} L{m.n_layers} h{m.n_heads} vocab {m.vocab_size}"
+        print(
+            f"{label:34s} {ours_rate:10.0f} {peer_rate:10.0f} {r['ratio']:5.2f}x "
+            f"{r['ours_mfu']:9.1%} {r['peer_mfu']:7.1%}"
+        )
+    print(json.dumps({"peak_gflops": round(peak / 1e9, 1), "shapes": results}))
 
 
 if __name__ == "__main__":

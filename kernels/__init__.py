@@ -2,6 +2,7 @@
 
 from . import reference
 from .attention import BlockSizes, flash_attention
+from .blockwise_attention import blockwise_attention
 from .cross_entropy import softmax_cross_entropy
 
-__all__ = ["BlockSizes", "flash_attention", "reference", "softmax_cross_entropy"]
+__all__ = ["BlockSizes", "blockwise_attention", "flash_attention", "reference", "softmax_cross_entropy"]

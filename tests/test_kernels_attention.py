@@ -1,4 +1,5 @@
-"""chinchax_kernels.flash_attention (Pallas, interpret mode on CPU) against a float64 plain-jnp reference.
+"""chinchax_kernels' attention kernels against a float64 plain-jnp reference: flash_attention (Pallas, interpret
+mode on CPU) and blockwise_attention (plain JAX, the CPU path of model.attention='auto').
 
 Inputs are drawn from a fresh seed per test, printed in every failure message.
 """
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from chinchax_kernels import BlockSizes, flash_attention, reference
+from chinchax_kernels import BlockSizes, blockwise_attention, flash_attention, reference
 from jax import export
 
 SMALL_BLOCKS = BlockSizes(q=16, k=16, q_backward=16, k_backward=16)  # several blocks even at toy lengths
@@ -126,3 +127,59 @@ def test_lowers_to_triton_and_mosaic_kernels(monkeypatch, backend, platform, dty
     )(shape, shape, shape, shape)
     module = re.sub(r'ir = "[^"]*"', "", exported.mlir_module())  # drop the serialized kernel bodies
     assert sum(module.count(f"stablehlo.custom_call @{name}(") for name in kernel_calls) == 3
+
+
+# --- blockwise_attention ----------------------------------------------------------------------------------------
+
+BLOCKWISE_CASES = {
+    # name: (batch, q_len, kv_len, heads, head_dim, causal, scale, block_q, block_k)
+    "causal-ragged-blocks": (2, 70, 70, 3, 16, True, None, 16, 24),  # key blocks straddle query blocks
+    "causal-cpu-default-blocks-mup-scale": (1, 300, 300, 2, 32, True, 1 / 32, 64, 256),
+    "causal-q-longer": (1, 50, 24, 2, 8, True, None, 16, 16),  # rows past kv_len see every key
+    "full-q-shorter": (1, 33, 50, 2, 80, False, None, 16, 32),
+    "one-block": (2, 20, 20, 2, 16, True, 0.3, 64, 256),
+}
+
+
+@pytest.mark.parametrize("case", BLOCKWISE_CASES.values(), ids=BLOCKWISE_CASES.keys())
+def test_blockwise_output_and_grads_match_float64_reference(case):
+    seed = fresh_seed()
+    batch, q_len, kv_len, heads, head_dim, causal, scale, block_q, block_k = case
+    inputs = random_inputs(seed, batch, q_len, kv_len, heads, head_dim, jnp.float32)
+    kernel = jax.jit(
+        lambda *a: output_and_grads(
+            lambda q, k, v: blockwise_attention(
+                q, k, v, causal=causal, scale=scale, block_q=block_q, block_k=block_k
+            ),
+            *a,
+        )
+    )
+    results = kernel(*inputs)
+    expected = float64_reference(*inputs, causal, scale)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), results, expected, strict=True):
+        assert got.dtype == jnp.float32 and got.shape == want.shape, (name, f"seed {seed}")
+        assert relative_error(got, want) <= 1e-5, (name, relative_error(got, want), f"seed {seed}")
+
+
+def test_blockwise_bf16_output_and_grads_match_reference():
+    seed = fresh_seed()
+    inputs = random_inputs(seed, 1, 45, 45, 2, 64, jnp.bfloat16)
+    kernel = jax.jit(
+        lambda *a: output_and_grads(lambda q, k, v: blockwise_attention(q, k, v, block_q=16, block_k=16), *a)
+    )
+    expected = float64_reference(*inputs, True, None)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), kernel(*inputs), expected, strict=True):
+        assert got.dtype == jnp.bfloat16, (name, f"seed {seed}")
+        assert relative_error(got, want) <= 1e-2, (name, relative_error(got, want), f"seed {seed}")
+
+
+def test_blockwise_never_writes_the_whole_score_matrix():
+    """The compiled forward + backward holds no (…, q_len, kv_len) array; the plain-jnp reference does."""
+    q, k, v, d_out = random_inputs(fresh_seed(), 2, 96, 96, 2, 16, jnp.float32)
+
+    def compiled_text(attention):
+        return jax.jit(lambda *a: output_and_grads(attention, *a)).lower(q, k, v, d_out).compile().as_text()
+
+    whole_scores = re.compile(r"f32\[(\d+,)*96,96\]")
+    assert whole_scores.search(compiled_text(reference.attention))
+    assert not whole_scores.search(compiled_text(lambda *a: blockwise_attention(*a, block_q=32, block_k=32)))

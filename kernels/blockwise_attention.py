@@ -1,0 +1,176 @@
+"""Blockwise causal attention in plain JAX: online softmax over key blocks, a recomputing custom VJP.
+
+For backends without a flash kernel (CPU): the (seq × seq) score matrix is never written whole. Queries are cut
+into blocks of `block_q` rows; each block visits the key blocks of `block_k` keys it can see (causal: blocks
+entirely above the diagonal are skipped, and the last block is cut at the query block's end), keeping a running
+max, sum and output in fp32. The forward saves only the output and the per-row logsumexp; the backward
+recomputes each block's probabilities. The block loops are unrolled at trace time (static shapes, any sequence
+length, no padding), so XLA sees plain batched matmuls of (block_q × head_dim) · (head_dim × block_k).
+
+Layout (batch, seq, heads, head_dim) as `jax.nn.dot_product_attention`; causal masking is top-left aligned
+(query i sees keys j <= i).
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+SCORE_CACHE_BYTES = 2**18  # one block's fp32 scores for a group of rows: well inside a core's L2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static configuration of one call (hashable, for custom_vjp's nondiff argument)."""
+
+    causal: bool
+    scale: float
+    block_q: int
+    block_k: int
+    group: int  # (batch · head) rows per loop iteration
+
+
+def blockwise_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+    block_q: int = 64,
+    block_k: int = 256,
+) -> jax.Array:
+    """softmax(scale · q kᵀ + causal mask) v for q (batch, q_len, heads, head_dim), k and v (batch, kv_len, heads,
+    head_dim); scale defaults to 1/sqrt(head_dim). Scores and softmax statistics are fp32; the output has q's
+    dtype. block_q, block_k: rows and keys per block (any positive sizes; the last block may be shorter)."""
+    if q.ndim != 4 or k.shape != v.shape or q.shape[0::2] != k.shape[0::2]:
+        raise ValueError(
+            f"blockwise_attention: need q (b, q_len, h, d), k = v (b, kv_len, h, d); got {q.shape}, "
+            f"{k.shape}, {v.shape}"
+        )
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"blockwise_attention: block sizes must be positive, got {block_q}, {block_k}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if isinstance(scale, jax.core.Tracer):
+        raise TypeError("blockwise_attention: scale must be a Python number, not a traced array")
+    rows = q.shape[0] * q.shape[2]
+    fitting = max(1, SCORE_CACHE_BYTES // (4 * min(block_q, q.shape[1]) * min(block_k, k.shape[1])))
+    group = max(d for d in range(1, min(rows, fitting) + 1) if rows % d == 0)
+    config = _Config(causal, float(scale), block_q, block_k, group)
+    heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # (batch, heads, seq, head_dim)
+    out = _attention(heads_first(q), heads_first(k), heads_first(v), config)
+    return heads_first(out)
+
+
+def _spans(end: int, size: int) -> list[tuple[int, int]]:
+    """[start, stop) spans of `size` covering 0..end (the last one may be shorter)."""
+    return [(start, min(start + size, end)) for start in range(0, end, size)]
+
+
+def _key_spans(q_stop: int, kv_len: int, config: _Config) -> list[tuple[int, int]]:
+    """The key spans a query block ending at q_stop sees: up to its last row when causal."""
+    return _spans(min(q_stop, kv_len) if config.causal else kv_len, config.block_k)
+
+
+def _scores(q_block, k_block, q_start: int, k_start: int, config: _Config) -> jax.Array:
+    """fp32 scale · q kᵀ of one block pair (batch, heads, rows, keys), future keys masked to -inf."""
+    scores = config.scale * jnp.einsum(
+        "bhqd,bhkd->bhqk", q_block, k_block, preferred_element_type=jnp.float32
+    )
+    rows, keys = scores.shape[-2:]
+    if config.causal and k_start + keys - 1 > q_start:  # the block reaches above the diagonal
+        visible = jnp.arange(k_start, k_start + keys)[None, :] <= jnp.arange(q_start, q_start + rows)[:, None]
+        scores = scores + jnp.where(visible, 0.0, -jnp.inf)
+    return scores
+
+
+def _forward(q, k, v, config: _Config):
+    """Output (batch, heads, q_len, head_dim) and per-row logsumexp (batch, heads, q_len) in fp32."""
+    outputs, logsumexps = [], []
+    for q_start, q_stop in _spans(q.shape[2], config.block_q):
+        q_block = q[:, :, q_start:q_stop]
+        row_max = row_sum = acc = None
+        for k_start, k_stop in _key_spans(q_stop, k.shape[2], config):
+            scores = _scores(q_block, k[:, :, k_start:k_stop], q_start, k_start, config)
+            block_max = jnp.max(scores, axis=-1)
+            new_max = block_max if row_max is None else jnp.maximum(row_max, block_max)
+            probs = jnp.exp(scores - new_max[..., None])
+            pv = jnp.einsum(
+                "bhqk,bhkd->bhqd",
+                probs.astype(v.dtype),
+                v[:, :, k_start:k_stop],
+                preferred_element_type=jnp.float32,
+            )
+            if row_max is None:
+                row_sum, acc = jnp.sum(probs, axis=-1), pv
+            else:
+                rescale = jnp.exp(row_max - new_max)
+                row_sum = row_sum * rescale + jnp.sum(probs, axis=-1)
+                acc = acc * rescale[..., None] + pv
+            row_max = new_max
+        outputs.append((acc / row_sum[..., None]).astype(q.dtype))
+        logsumexps.append(row_max + jnp.log(row_sum))
+    return jnp.concatenate(outputs, axis=2), jnp.concatenate(logsumexps, axis=2)
+
+
+def _backward(q, k, v, out, logsumexp, d_out, config: _Config):
+    """Gradients for q, k, v from the saved output and logsumexp, probabilities recomputed per block pair."""
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (batch, heads, q_len)
+    d_q_blocks = []
+    d_k = jnp.zeros(k.shape, jnp.float32)
+    d_v = jnp.zeros(v.shape, jnp.float32)
+    for q_start, q_stop in _spans(q.shape[2], config.block_q):
+        q_block, do_block = q[:, :, q_start:q_stop], d_out[:, :, q_start:q_stop]
+        lse_block, delta_block = logsumexp[:, :, q_start:q_stop, None], delta[:, :, q_start:q_stop, None]
+        d_q_block = None
+        for k_start, k_stop in _key_spans(q_stop, k.shape[2], config):
+            k_block, v_block = k[:, :, k_start:k_stop], v[:, :, k_start:k_stop]
+            probs = jnp.exp(_scores(q_block, k_block, q_start, k_start, config) - lse_block)
+            d_v = d_v.at[:, :, k_start:k_stop].add(
+                jnp.einsum(
+                    "bhqk,bhqd->bhkd",
+                    probs.astype(do_block.dtype),
+                    do_block,
+                    preferred_element_type=jnp.float32,
+                )
+            )
+            d_probs = jnp.einsum("bhqd,bhkd->bhqk", do_block, v_block, preferred_element_type=jnp.float32)
+            d_scores = (probs * (d_probs - delta_block) * config.scale).astype(q.dtype)
+            d_k = d_k.at[:, :, k_start:k_stop].add(
+                jnp.einsum("bhqk,bhqd->bhkd", d_scores, q_block, preferred_element_type=jnp.float32)
+            )
+            dq_part = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k_block, preferred_element_type=jnp.float32)
+            d_q_block = dq_part if d_q_block is None else d_q_block + dq_part
+        d_q_blocks.append(d_q_block)
+    d_q = jnp.concatenate(d_q_blocks, axis=2)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+def _in_groups(fn, arrays, config: _Config):
+    """fn over `config.group` (batch · head) rows at a time (lax.map), so each block's scores stay in cache.
+
+    arrays are (batch, heads, …); fn sees (group, 1, …) and returns arrays of that form."""
+    batch, heads = arrays[0].shape[:2]
+    groups = batch * heads // config.group
+    grouped = [x.reshape(groups, config.group, 1, *x.shape[2:]) for x in arrays]
+    results = jax.lax.map(lambda xs: fn(*xs, config), grouped)
+    return [r.reshape(batch, heads, *r.shape[3:]) for r in results]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, config: _Config):
+    return _in_groups(_forward, (q, k, v), config)[0]
+
+
+def _attention_fwd(q, k, v, config: _Config):
+    out, logsumexp = _in_groups(_forward, (q, k, v), config)
+    return out, (q, k, v, out, logsumexp)
+
+
+def _attention_bwd(config: _Config, residuals, d_out):
+    return tuple(_in_groups(_backward, (*residuals, d_out), config))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
