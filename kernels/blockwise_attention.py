@@ -5,7 +5,8 @@ into blocks of `block_q` rows; each block visits the key blocks of `block_k` key
 entirely above the diagonal are skipped, and the last block is cut at the query block's end), keeping a running
 max, sum and output in fp32. The forward saves only the output and the per-row logsumexp; the backward
 recomputes each block's probabilities. The block loops are unrolled at trace time (static shapes, any sequence
-length, no padding), so XLA sees plain batched matmuls of (block_q × head_dim) · (head_dim × block_k).
+length, no padding), so XLA sees plain batched matmuls of (block_q × head_dim) · (head_dim × block_k); the
+(batch · head) rows go through in groups (a lax.map) small enough that one block's fp32 scores stay in cache.
 
 Layout (batch, seq, heads, head_dim) as `jax.nn.dot_product_attention`; causal masking is top-left aligned
 (query i sees keys j <= i).

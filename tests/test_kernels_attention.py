@@ -138,6 +138,7 @@ BLOCKWISE_CASES = {
     "causal-q-longer": (1, 50, 24, 2, 8, True, None, 16, 16),  # rows past kv_len see every key
     "full-q-shorter": (1, 33, 50, 2, 80, False, None, 16, 32),
     "one-block": (2, 20, 20, 2, 16, True, 0.3, 64, 256),
+    "causal-row-groups": (4, 130, 130, 4, 16, True, None, 64, 256),  # 16 rows in 4 groups of 4
 }
 
 
