@@ -1,10 +1,14 @@
 # Set-up-and-go targets. `make demo` and `make test` work on a fresh machine with Python 3.10+.
+# `make demo` installs the runtime dependencies only; the test extra (torch, transformers, lm-eval, ray, ruff:
+# the tests' independent references and tools) is installed for test, test-all, lint and bench. One stamp per
+# install, so demo then test (or test then demo) in one venv installs each set once.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+TEST_STAMP    := $(VENV)/.installed-test
 
-.PHONY: venv install demo test test-all lint bench clean
+.PHONY: venv install install-test demo test test-all lint bench clean
 
 venv: $(PY)
 
@@ -12,26 +16,33 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): setup.cfg pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+$(RUNTIME_STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
 
-install: $(STAMP)
+# The test extra brings the runtime dependencies with it: both stamps are then current.
+$(TEST_STAMP): setup.cfg pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@ $(RUNTIME_STAMP)
+
+install: $(RUNTIME_STAMP)
+
+install-test: $(TEST_STAMP)
 
 demo: install
 	$(PY) -m experiments.sweep --sweep=cpu_ladder
 
-test: install
+test: install-test
 	$(PY) -m pytest -q -n 2 --durations=15
 
-test-all: install
+test-all: install-test
 	$(PY) -m pytest -q -n 2 -m "" --durations=15
 
-lint: install
+lint: install-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: install
+bench: install-test
 	$(PY) -m benchmarks.train_throughput
 
 clean:

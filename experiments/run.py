@@ -15,8 +15,8 @@ from chinchax.dryrun import report as dry_run
 from chinchax.parallel import distributed
 from chinchax.scaling import launch
 from chinchax.training import checkpoint, train
+from experiments import STARTED, configs
 from experiments import cli as cli_lib
-from experiments import configs
 
 
 def resolve_config_argv(argv: list[str]) -> list[str]:
@@ -69,7 +69,7 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train.enable_compilation_cache()
     workdir = _WORKDIR.value or f"runs/{cfg.name}"
-    summary = train.train(cfg, workdir)
+    summary = train.train(cfg, workdir, started=STARTED)
     if summary is not None:
         print(json.dumps(summary))
 

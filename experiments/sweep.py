@@ -2,7 +2,8 @@
 [--launcher=local|ray|slurm|print|gather] [--parallel=K] [--ray_address=ADDR] [--ray_resources=JSON]`.
 
 local trains every pending point (experiments.run in a subprocess, output in ROOT/logs/<point>.log), then
-gathers ROOT/results.{csv,jsonl} and runs the sweep's analysis (fit.json / mutransfer.json and PNGs in ROOT).
+gathers ROOT/results.{csv,jsonl} (each point's wall, training and overhead seconds are also printed as a table)
+and runs the sweep's analysis (fit.json / mutransfer.json and PNGs in ROOT).
 Points with summary.json are skipped, so rerunning resumes a sweep (a killed point from its checkpoint).
 ray does the same with each pending point as a Ray task holding its mesh preset's GPUs or TPUs (one CPU on
 the cpu preset; --ray_resources overrides), on the cluster at --ray_address or on a new local Ray instance.
@@ -121,6 +122,8 @@ def main(argv):
         f"{counts['pending']} pending; ran {len(outcomes)} in {time.perf_counter() - start:.0f} s; "
         f"results: {root / 'results.csv'}"
     )
+    if rows:
+        print(sweep_lib.timing_table(rows))
     failed = [o for o in outcomes if o.status == "failed"]
     if counts["pending"] == 0:
         summary = report.analyse(sweep, root, rows, _BOOTSTRAP.value)

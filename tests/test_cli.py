@@ -33,6 +33,10 @@ def test_bad_input_is_one_line_and_status_1(tmp_path):
     for args, expected in [
         (("--config=cpu_tiny", "--config.train.no_such_key=1"), "unknown config key 'train.no_such_key'"),
         (("--config=no_such_point",), "unknown scale point 'no_such_point'"),
+        (
+            ("--config=cpu_tiny", "--config.train.final_eval=validation,train"),
+            "train.final_eval='validation,train' must name each of ('validation', 'test') at most once",
+        ),
     ]:
         out = _run(*args, f"--workdir={tmp_path / 'x'}", cwd=REPO)
         assert out.returncode == 1, out.stderr[-2000:]

@@ -35,11 +35,15 @@ def random_hf_gpt2(seed: int, **shape):
         dict(vocab_size=515, n_positions=64, n_embd=3 * 80, n_layer=3, n_head=3),  # d_head 80
     ],
 )
-def test_logits_match_hf_gpt2(shape):
+@pytest.mark.parametrize(
+    "attention", ["xla", "auto"]
+)  # auto: the blockwise kernel here (2 query blocks at 96)
+def test_logits_match_hf_gpt2(shape, attention):
     seed = int(np.random.SeedSequence().entropy % 2**31)
     hf_model = random_hf_gpt2(seed, **shape)
     state = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
     cfg = hf.model_config_from_hf(hf_model.config.to_dict())
+    cfg.attention = attention
     params = hf.params_from_hf(state, cfg)
     assert jax.tree.structure(params) == jax.tree.structure(gpt.param_shapes(cfg)), (
         "converted tree differs from the model's"

@@ -23,14 +23,16 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from chinchax import data
+from chinchax import config, data
 from chinchax.scaling import launch, plan, report
 from chinchax.scaling import sweep as sweep_lib
+from experiments import configs
 from experiments.configs import sweeps
 from tests.conftest import REPO
 
 # The stand-in trainer: loss from a known compute law of the point's FLOPs (given as tokens · 1e6), an
-# invocation log, and failures on request (an lr of 99 diverges, an lr of 98 crashes).
+# invocation log, and failures on request (an lr of 99 diverges, an lr of 98 crashes); a run whose
+# train.final_eval leaves out validation has a null validation loss; wall time = training + the overhead's parts.
 FAKE_RUN = textwrap.dedent(
     """
     import json, pathlib, sys
@@ -48,9 +50,13 @@ FAKE_RUN = textwrap.dedent(
     flops = tokens * 1e6
     loss = (flops / 1e16) ** -0.1 + 1.5 + float(args.get("config.train.seed", 0)) * 1e-3 + 0.3 * (lr - 0.01) ** 2
     workdir.mkdir(parents=True, exist_ok=True)
-    summary = dict(name=args["config.name"], final_train_loss=loss * 0.99, final_eval_loss=loss, params=tokens // 20,
-                   non_embedding_params=tokens // 40, tokens=tokens, train_flops=flops, flops_per_token=1e6,
-                   wall_seconds=0.1, tokens_per_second=tokens / 0.1, mfu=0.3)
+    validated = "validation" in args.get("config.train.final_eval", "validation,test")
+    parts = dict(startup_seconds=0.25, first_step_seconds=0.5, eval_seconds=0.125, checkpoint_seconds=0.0625)
+    train_seconds = tokens / 1e6
+    summary = dict(name=args["config.name"], final_train_loss=loss * 0.99, final_eval_loss=loss if validated else None,
+                   params=tokens // 20, non_embedding_params=tokens // 40, tokens=tokens, train_flops=flops,
+                   flops_per_token=1e6, wall_seconds=train_seconds + sum(parts.values()) + 0.03125,
+                   train_seconds=train_seconds, **parts, tokens_per_second=1e6, mfu=0.3)
     (workdir / "summary.json").write_text(json.dumps(summary))
     """
 )
@@ -102,7 +108,47 @@ def test_run_skip_and_gather(fake_runner):
         assert float(csv_row["loss"]) == summary["final_eval_loss"]
         assert float(csv_row["flops"]) == summary["train_flops"]
         assert float(csv_row["budget"]) == point.tags["budget"]
+        overhead = summary["wall_seconds"] - summary["train_seconds"]
+        assert json_row["overhead_seconds"] == overhead == float(csv_row["overhead_seconds"]) > 0
+        for key in sweep_lib.OVERHEAD_COLUMNS:
+            assert json_row[key] == summary[key] == float(csv_row[key])
     assert rows == jsonl
+    table = sweep_lib.timing_table(rows).splitlines()
+    assert len(table) == 2 + len(rows)
+    for row, line in zip(rows, table[1:], strict=False):
+        assert line.split() == [row["point"]] + [
+            f"{row[k]:.2f}"
+            for k in ("wall_seconds", "train_seconds", "overhead_seconds", *sweep_lib.OVERHEAD_COLUMNS)
+        ]
+    wall, train = sum(r["wall_seconds"] for r in rows), sum(r["train_seconds"] for r in rows)
+    assert table[-1].split()[:4] == ["total", f"{wall:.2f}", f"{train:.2f}", f"{wall - train:.2f}"]
+
+
+def test_an_analysis_refuses_points_without_a_validation_loss(fake_runner):
+    """A point whose run left validation out of train.final_eval gathers with a null loss; the fit refuses it
+    in one line naming the point rather than fitting without it."""
+    root = fake_runner
+    sweep = ladder_sweep(np.zeros(7))
+    test_only = dataclasses.replace(
+        sweep.points[2], overrides=sweep.points[2].overrides + (("train.final_eval", "test"),)
+    )
+    sweep = dataclasses.replace(sweep, points=sweep.points[:2] + (test_only,) + sweep.points[3:])
+    launch.run_local(sweep, root, REPO, progress=False)
+    rows = sweep_lib.gather(sweep, root)
+    assert [r["point"] for r in rows if r["loss"] is None] == ["p2"]
+    with pytest.raises(
+        sweep_lib.SweepError, match=r"needs a validation loss; p2 did not evaluate validation"
+    ):
+        report.analyse(sweep, root, rows, resamples=20)
+
+
+def test_shipped_sweeps_ask_only_for_the_validation_loss():
+    """The sweeps' analyses (and the smoke checks) read final_eval_loss only: every point's run evaluates the
+    validation split at the end and not the test split."""
+    for name in sweeps.SWEEPS:
+        for point in sweeps.get(name).points:
+            cfg = plan.configure(configs.get(point.base), point.overrides)
+            assert config.final_eval_splits(cfg.train) == ("validation",), (name, point.name)
 
 
 def test_compute_law_analysis_recovers_the_exponent(fake_runner):
@@ -212,6 +258,18 @@ def test_smoke_sweep_trains_then_resumes_by_skipping(tmp_path):
     assert time.perf_counter() - start < 20
     assert "2/2 done" in out.stdout and "ran 0 in" in out.stdout
     assert_trained_smoke_results(tmp_path)
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    printed = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines() if line.strip()}
+    for row in table:
+        summary = json.loads((tmp_path / "runs" / row["point"] / "summary.json").read_text())
+        wall, train, overhead = (float(row[k]) for k in ("wall_seconds", "train_seconds", "overhead_seconds"))
+        assert train > 0 and overhead == wall - train >= sum(
+            float(row[k]) for k in sweep_lib.OVERHEAD_COLUMNS
+        )
+        assert printed[row["point"]][:3] == [f"{wall:.2f}", f"{train:.2f}", f"{overhead:.2f}"], out.stdout
+        assert summary["final_test_loss"] is None, summary  # the sweep asked for validation only
+        assert "test loss" not in (tmp_path / "logs" / f"{row['point']}.log").read_text()
 
 
 def assert_trained_smoke_results(root: pathlib.Path) -> None:

@@ -115,9 +115,36 @@ def test_loss_decreases_and_summary_contract(reference_run):
     ):
         assert key in summary, key
     assert summary["tokens"] == 8 * 64 * STEPS
+    assert np.isfinite(summary["final_eval_loss"]) and np.isfinite(summary["final_test_loss"])  # the default
     assert (workdir / "config.json").exists() and (workdir / "tensorboard").is_dir()
     saved = json.loads((workdir / "summary.json").read_text())
     assert saved["final_eval_loss"] == summary["final_eval_loss"]
+
+
+def test_a_run_asked_for_validation_only_never_opens_the_test_split(tmp_path, monkeypatch, capsys):
+    """train.final_eval='validation': the final evaluation reads the validation split only (the test split's
+    loader is never made), the summary's test loss is null, the log names no test loss; and the summary's wall
+    time holds its training time and the overhead's parts (disjoint spans of the same clock) without overlap."""
+    opened = []
+    make_loader = train.data.make_loader
+
+    def recording_loader(store, split, *args, **kwargs):
+        opened.append(split)
+        return make_loader(store, split, *args, **kwargs)
+
+    monkeypatch.setattr(train.data, "make_loader", recording_loader)
+    steps = 4
+    overrides = {"train.final_eval": "validation", "train.tokens": 8 * 64 * steps, "train.warmup_tokens": 0}
+    summary = train.train(tiny_config(**overrides), tmp_path, show_progress=False)
+    assert opened == ["train", "validation"], opened
+    assert np.isfinite(summary["final_eval_loss"]) and summary["final_test_loss"] is None, summary
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["final_test_loss"] is None and saved["final_eval_loss"] == summary["final_eval_loss"]
+    log = capsys.readouterr().err
+    assert "final validation loss" in log and "test loss" not in log, log
+    parts = ("startup_seconds", "first_step_seconds", "eval_seconds", "checkpoint_seconds")
+    assert summary["train_seconds"] > 0 and all(summary[k] > 0 for k in parts), summary
+    assert summary["wall_seconds"] >= summary["train_seconds"] + sum(summary[k] for k in parts), summary
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference_run, tmp_path):

@@ -1,10 +1,11 @@
 """The training paths other than the default: bfloat16 compute, gradient accumulation, a batch-size ramp, and
-the model's alternative implementations (Pallas attention, the chunked loss, remat 'dots' / 'full').
+the model's alternative implementations (Pallas and blockwise attention, the chunked loss, remat 'dots' /
+'full', unrolled layers).
 
 The code under test is the public training API (`train.make_train_step`, `train.loss_fn`, `state.init_state`,
-`train.train`); each reference is the plain path (fp32, one microbatch, XLA attention, dense loss, no remat)
-run on the same fresh random params and tokens, or a schedule written out here. Seeds are drawn per run and
-printed in every failure message.
+`train.train`); each reference is the plain path (fp32, one microbatch, XLA attention, dense loss, no remat,
+scanned layers) run on the same fresh random params and tokens, or a schedule written out here. Seeds are drawn
+per run and printed in every failure message.
 """
 
 import json
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from chinchax import config
+from chinchax.model import gpt
 from chinchax.training import state as train_state
 from chinchax.training import train
 from experiments import configs
@@ -218,6 +220,8 @@ def test_batch_ramp_switches_batch_size_at_its_token(tmp_path):
 
 PATHS = {
     "pallas attention": {"model.attention": "pallas"},
+    "blockwise attention": {"model.attention": "blockwise"},
+    "unrolled layers": {"model.layer_loop": "unroll"},
     "chunked loss": {"model.loss": "chunked"},
     "remat dots": {"model.remat": "dots"},
     "remat full": {"model.remat": "full"},
@@ -228,12 +232,18 @@ PATHS = {
 @pytest.mark.parametrize("path", list(PATHS))
 def test_model_paths_match_the_default_loss_and_gradients(path, parametrization):
     """loss_fn's summed loss, token count and gradients (of the mean over real targets) on fresh random
-    params and tokens (seq 160: two 128-query blocks for the Pallas kernel, in interpret mode on CPU; 1,280
+    params and tokens (seq 160: two 128-query blocks for the Pallas kernel, in interpret mode on CPU, and
+    64 + 64 + 32 query rows for the blockwise one; 1,280
     tokens: two token chunks for the chunked loss; one padding row) equal the default path's within fp32
     tolerance (relative 1e-5 on the loss, 1e-4 on each gradient)."""
     seed = fresh_seed()
-    common = {"data.seq_len": 160, "model.parametrization": parametrization}
-    default, other = tiny(**common), tiny(**common, **PATHS[path])
+    common = {
+        "data.seq_len": 160,
+        "model.parametrization": parametrization,
+        "model.attention": "xla",
+        "model.layer_loop": "scan",
+    }
+    default, other = tiny(**common), tiny(**{**common, **PATHS[path]})
     params = random_params(default, seed)
     inputs, targets = random_tokens(default, seed, 8, ignored_rows=(5,))
 
@@ -258,3 +268,26 @@ def test_model_paths_match_the_default_loss_and_gradients(path, parametrization)
         assert g1.dtype == jnp.float32 and g1.shape == g0.shape, (jax.tree_util.keystr(key), context)
         error = relative_error(g1, g0)
         assert error <= 1e-4, (jax.tree_util.keystr(key), error, context)
+
+
+def test_a_run_with_auto_attention_has_the_losses_of_xla_attention(tmp_path):
+    """attention='auto' (the blockwise kernel on CPU) trains with the losses of the whole-score XLA path: 24
+    steps of 8 × 160 tokens (three query blocks), every step's loss within 1e-5 relative."""
+    seed = fresh_seed()
+    runs = {}
+    for attention in ("xla", "auto"):
+        cfg = tiny(
+            **{
+                "data.seq_len": 160,
+                "model.attention": attention,
+                "train.tokens": 24 * 8 * 160,
+                "train.log_every": 1,
+                "train.eval_batches": 1,
+                "train.checkpoint_every": 1000,
+                "train.seed": seed,
+            }
+        )
+        runs[attention] = [r["loss"] for r in train_run(cfg, tmp_path / attention)[1]]
+    assert gpt.attention_implementation(cfg.model) == "blockwise"  # cfg: the 'auto' run's, on this CPU
+    assert len(runs["auto"]) == len(runs["xla"]) > 20, f"seed {seed}"
+    np.testing.assert_allclose(runs["auto"], runs["xla"], rtol=1e-5, err_msg=f"seed {seed}")

@@ -27,8 +27,11 @@ MUP_PEAK_LR = 6e-3  # η_base
 MUP_INIT_STD = 0.08  # σ_base
 
 # How the published points run on their pods: bf16 matmuls (fp32 params, softmax and loss), remat and
-# microbatches chosen per mesh to fit the device (chinchax.parallel.memory_plan).
-POD_RUN = {"compute_dtype": "bfloat16", "remat": "auto"}
+# microbatches chosen per mesh to fit the device (chinchax.parallel.memory_plan), and the whole-score XLA
+# attention: the path whose memory both the plan and the CPU compile of a dry run model (with 'auto' the dry
+# run compiles the blockwise CPU kernel, which needs more than the plan counts on 2 of the 39 pods; pass
+# --config.model.attention=auto for cuDNN / Pallas on the pod).
+POD_RUN = {"compute_dtype": "bfloat16", "remat": "auto", "attention": "xla"}
 
 # The pods each published point is planned on (experiments.plan --pods): one 8×H100 node, Andromeda-like
 # 16 CS-2 systems, and a TPU slice sized to the model (v5e's 16 GiB chips up to 2.7B, then more or larger chips).

@@ -20,6 +20,9 @@ CPU_RECIPE = (
     ("train.peak_lr", 3e-3),
     ("train.decay", "cosine"),
 )
+# Every sweep's analysis (and the smoke check) reads a point's validation loss only (final_eval_loss, the
+# results' `loss`): its runs skip the test split's final evaluation (experiments.run alone does both).
+FINAL_EVAL = (("train.final_eval", "validation"),)
 CPU_HEAD = 16  # d_head at CPU widths (16–128): widths in steps of 16 give budgets about 2× apart
 
 # Budgets where the d_model 16, 32, …, 96 one-layer shapes (Cerebras aspect ratio at these widths) are
@@ -45,10 +48,14 @@ MUP = (
 
 def smoke() -> Sweep:
     """Two one-layer points of 8 steps each: checks a machine and the launcher in about a minute."""
-    short = CPU_RECIPE + (
-        ("train.tokens", 8 * 8 * 256),
-        ("train.warmup_tokens", 2 * 8 * 256),
-        ("train.eval_batches", 2),
+    short = (
+        CPU_RECIPE
+        + FINAL_EVAL
+        + (
+            ("train.tokens", 8 * 8 * 256),
+            ("train.warmup_tokens", 2 * 8 * 256),
+            ("train.eval_batches", 2),
+        )
     )
     points = tuple(
         plan.Point(f"d{d}", CPU_BASE, plan.Shape(d, 1, d // CPU_HEAD).overrides() + short, {"width": d})
@@ -60,7 +67,7 @@ def smoke() -> Sweep:
 def cpu_ladder() -> Sweep:
     """Compute-optimal points (20 tokens/param) over 2.2 decades of FLOPs, then L(C) = (C/C_c)^-alpha + E."""
     base = configs.get(CPU_BASE)
-    points = plan.ladder(base, CPU_BASE, LADDER_BUDGETS, d_head=CPU_HEAD, extra=CPU_RECIPE)
+    points = plan.ladder(base, CPU_BASE, LADDER_BUDGETS, d_head=CPU_HEAD, extra=CPU_RECIPE + FINAL_EVAL)
     return Sweep("cpu_ladder", cpu_ladder.__doc__, tuple(points), analysis="compute_law")
 
 
@@ -71,7 +78,7 @@ def isoflop_cpu() -> Sweep:
         p
         for budget in ISOFLOP_BUDGETS
         for p in plan.isoflop_grid(
-            base, CPU_BASE, budget, sizes=5, spread=3.0, d_head=CPU_HEAD, tolerance=3.0
+            base, CPU_BASE, budget, sizes=5, spread=3.0, d_head=CPU_HEAD, tolerance=3.0, extra=FINAL_EVAL
         )
     ]
     return Sweep("isoflop_cpu", isoflop_cpu.__doc__, tuple(points), analysis="isoflop")
@@ -87,7 +94,11 @@ def mutransfer() -> Sweep:
             plan.Point(
                 f"{parametrization}_w{width}_lr{lr:.0e}",
                 CPU_BASE,
-                shape + MUTRANSFER_SHORT + (("train.peak_lr", lr), ("model.max_positions", 128)) + extra,
+                shape
+                + MUTRANSFER_SHORT
+                + FINAL_EVAL
+                + (("train.peak_lr", lr), ("model.max_positions", 128))
+                + extra,
                 {"parametrization": parametrization, "width": width, "lr": lr},
             )
         )

@@ -31,8 +31,9 @@ SCHEMA: dict[str, tuple[object, str]] = {
     "model.layer_norm_eps": (1e-5, "LayerNorm epsilon."),
     "model.compute_dtype": ("float32", "Matmul dtype, 'float32' or 'bfloat16'; params, softmax, loss fp32."),
     "model.remat": ("none", "Backward-pass recomputation: 'none', 'dots' (keep weight-matmul outputs), 'full', 'auto'."),
-    "model.attention": ("xla", "Attention implementation: 'xla' (einsum), 'cudnn' or 'pallas' (flash)."),
+    "model.attention": ("auto", "Attention: 'xla' (einsum, whole scores), 'blockwise', 'cudnn', 'pallas' or 'auto'."),
     "model.loss": ("dense", "Loss head: 'dense' (whole logits) or 'chunked' (fused, never all logits)."),
+    "model.layer_loop": ("auto", "Blocks as 'scan' (one compiled body), 'unroll', or 'auto' (unroll on CPU up to 8 layers)."),
     # Data.
     "data.dataset": ("embedded", "Corpus name or path of a corpus / prepared token store."),
     "data.tokenizer": ("gpt2", "'gpt2' (BPE, 50257 ids) or 'bytes' (256 bytes + EOS)."),
@@ -57,6 +58,7 @@ SCHEMA: dict[str, tuple[object, str]] = {
     "train.log_every": (10, "Steps between metrics.jsonl / TensorBoard records and progress-bar updates."),
     "train.eval_every": (0, "Steps between validation-loss evaluations; 0 means at the end only."),
     "train.eval_batches": (16, "Batches (of train.batch_size / microbatches sequences) per evaluation."),
+    "train.final_eval": ("validation,test", "Splits evaluated at the end, comma-separated: 'validation,test', 'validation', or '' (none)."),
     "train.checkpoint_every": (500, "Steps between checkpoints; one is always written at the end."),
     "train.keep_checkpoints": (3, "Newest checkpoints kept in workdir/checkpoints."),
     "train.peak_flops_per_device": (0.0, "Peak FLOP/s per device for MFU; 0: the device table, or measured on CPU."),
@@ -72,10 +74,12 @@ PARAMETRIZATIONS = ("sp", "mup")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TOKENIZERS = {"gpt2": 50257, "bytes": 257}
 DECAYS = ("linear", "cosine")
-ATTENTIONS = ("xla", "cudnn", "pallas")
+ATTENTIONS = ("xla", "blockwise", "cudnn", "pallas", "auto")
 LOSSES = ("dense", "chunked")
+LAYER_LOOPS = ("scan", "unroll", "auto")
 REMATS = ("none", "dots", "full")  # lightest first: what 'auto' tries in this order
 AUTO = 0  # train.microbatches = 0 (on the command line also 'auto'): the fewest that fit the device
+EVAL_SPLITS = ("validation", "test")  # what train.final_eval may name
 
 
 class ConfigError(ValueError):
@@ -165,6 +169,7 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     need(m.attention in ATTENTIONS, f"model.attention={m.attention!r} is not one of {ATTENTIONS}")
     need(m.loss in LOSSES, f"model.loss={m.loss!r} is not one of {LOSSES}")
+    need(m.layer_loop in LAYER_LOOPS, f"model.layer_loop={m.layer_loop!r} is not one of {LAYER_LOOPS}")
     need(m.remat in (*REMATS, "auto"), f"model.remat={m.remat!r} is not one of {(*REMATS, 'auto')}")
     need(m.init_std > 0, f"model.init_std={m.init_std} must be > 0")
     need(m.out_proj_init_std >= 0, f"model.out_proj_init_std={m.out_proj_init_std} must be >= 0")
@@ -196,6 +201,12 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     )
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
         need(t[key] >= 1, f"train.{key}={t[key]} must be >= 1")
+    need(isinstance(t.final_eval, str), f"train.final_eval={t.final_eval!r} must be a comma-separated string")
+    splits = final_eval_splits(t)
+    need(
+        set(splits) <= set(EVAL_SPLITS) and len(set(splits)) == len(splits),
+        f"train.final_eval={t.final_eval!r} must name each of {EVAL_SPLITS} at most once, comma-separated",
+    )
     need(
         isinstance(cfg.mesh.preset, str) and cfg.mesh.preset,
         f"mesh.preset={cfg.mesh.preset!r} must name a preset",
@@ -217,6 +228,11 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         need(start >= last_start, f"train.batch_ramp starts must increase, got {start}")
         last_start = start
     return cfg
+
+
+def final_eval_splits(train: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The splits train.final_eval names (in its order; () for none)."""
+    return tuple(part.strip() for part in train.final_eval.split(",") if part.strip())
 
 
 def microbatch_size(train: ml_collections.ConfigDict) -> int:

@@ -1,8 +1,9 @@
 """The Cerebras-GPT model (GPT-2/3 architecture) in Flax Linen.
 
-Learned absolute positions, pre-LN blocks with a final LayerNorm, dense causal attention with fused biased
+Learned absolute positions, pre-LN blocks with a final LayerNorm, exact causal attention with fused biased
 Q/K/V, an exact-GELU MLP, the head tied to the token embedding without a bias, no dropout. Blocks run under
-`nn.scan` (one compiled body, parameters stacked on a leading `layers` axis). Every parameter carries logical
+`nn.scan`, parameters stacked on a leading `layers` axis: one compiled body, or unrolled (`model.layer_loop`).
+Attention is whole-score XLA einsums or a kernel that never writes the (seq × seq) scores (`model.attention`). Every parameter carries logical
 axis names for the sharding rules. Params are fp32; matmuls run in `compute_dtype`; softmax and logits are fp32.
 Init and forward multipliers come from `parametrization` (SP or μP). With `mutable=["intermediates"]` the
 forward pass also returns the mean |activation| of the embedding output, attention logits, every block's
@@ -56,6 +57,33 @@ def attend_with_logits(logits: jax.Array, v: jax.Array, query_offset: jax.Array 
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def attention_implementation(model: ml_collections.ConfigDict) -> str:
+    """model.attention with 'auto' resolved for this backend: a kernel that never writes the whole score
+    matrix (cuDNN for bf16/fp16 on GPU, Pallas flash for fp32 on GPU and on TPU, blockwise JAX on CPU)."""
+    if model.attention != "auto":
+        return model.attention
+    backend = jax.default_backend()
+    if backend == "cpu":
+        return "blockwise"
+    if backend == "gpu" and model.compute_dtype != "float32":
+        return "cudnn"
+    return "pallas"
+
+
+def layer_loop(model: ml_collections.ConfigDict) -> str:
+    """model.layer_loop with 'auto' resolved: unrolled on CPU up to 8 layers (no stacking of the scan's saved
+    activations: faster steps there, still quick to compile), one scanned body otherwise."""
+    if model.layer_loop != "auto":
+        return model.layer_loop
+    return "unroll" if jax.default_backend() == "cpu" and model.n_layers <= 8 else "scan"
+
+
+def blockwise_blocks(seq_len: int) -> tuple[int, int]:
+    """(query rows, keys) per block of the blockwise path: at most 8 query blocks, each at least 64 rows."""
+    block_q = max(64, -(-seq_len // 8))
+    return block_q, max(256, block_q)
 
 
 class Block(nn.Module):
@@ -117,9 +145,15 @@ class Block(nn.Module):
 
     def attention(self, q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
         """Causal attention by the configured implementation; 'xla' also sows its logits' scale."""
-        if self.model.attention == "pallas":
+        implementation = attention_implementation(self.model)
+        if implementation == "blockwise":
+            block_q, block_k = blockwise_blocks(q.shape[1])
+            return chinchax_kernels.blockwise_attention(
+                q, k, v, causal=True, scale=scale, block_q=block_q, block_k=block_k
+            )
+        if implementation == "pallas":
             return chinchax_kernels.flash_attention(q, k, v, causal=True, scale=scale)
-        if self.model.attention == "cudnn":
+        if implementation == "cudnn":
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
         logits = attention_logits(q, k, scale)
         self.sow("intermediates", "attention_logits", jnp.mean(jnp.abs(logits)))
@@ -174,6 +208,7 @@ class GPT(nn.Module):
             split_rngs={"params": True},
             in_axes=nn.broadcast,
             length=cfg.n_layers,
+            unroll=cfg.n_layers if layer_loop(cfg) == "unroll" else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.decode, name="blocks")
         self.ln_f = _layer_norm(cfg, "ln_f")

@@ -27,6 +27,7 @@ def small_model(parametrization_name: str, width: int, *, d_head: int = 16, laye
         n_layers=layers,
         parametrization=parametrization_name,
         init_std=0.08 if parametrization_name == "mup" else 0.02,
+        attention="xla",  # the path that sows the attention logits' scale
     )
     cfg.data.update(tokenizer="bytes", seq_len=64)
     return config.validate(cfg).model

@@ -64,6 +64,12 @@ def analyse(sweep: Sweep, root: pathlib.Path, rows: list[dict], resamples: int =
     """Run the sweep's analysis on the gathered rows; writes root/fit.json (or mutransfer.json) and plots."""
     if sweep.analysis is None or not rows:
         return None
+    unvalidated = [str(row["point"]) for row in rows if row["loss"] is None]
+    if unvalidated:
+        raise SweepError(
+            f"the {sweep.analysis} analysis needs a validation loss; {', '.join(unvalidated)} did not evaluate "
+            "validation (their train.final_eval leaves it out)"
+        )
     if sweep.analysis == "mutransfer":
         return mutransfer(sweep, root, rows)
     points = fit_io.load_points(root / "results.csv")

@@ -5,8 +5,9 @@ root folder each point trains in `runs/<point>/` (experiments.run's workdir: a k
 checkpoint by rerunning the same command) with its output in `logs/<point>.log`; a point whose workdir holds
 summary.json is done and skipped. chinchax.scaling.launch trains the pending points (local subprocesses, Ray
 tasks on a local or existing cluster, a SLURM array job, printed commands). `results.csv` / `results.jsonl`
-gather every done point's tags and summary; chinchax.scaling.report analyses them (compute-law fit, isoFLOP
-fit, μTransfer figure) into JSON and plots in the root. Importing this module (and the sweep specs) draws
+gather every done point's tags and summary, with where its trainer's wall time went (`timing_table`: training,
+and the overhead around it); chinchax.scaling.report analyses them (compute-law fit, isoFLOP fit, μTransfer
+figure) into JSON and plots in the root. Importing this module (and the sweep specs) draws
 nothing: no matplotlib.
 """
 
@@ -31,9 +32,12 @@ SUMMARY_COLUMNS = (
     "train_flops",
     "flops_per_token",
     "wall_seconds",
+    "train_seconds",
     "tokens_per_second",
     "mfu",
 )
+# Where the rest of a point's wall time went (summaries written before these were recorded lack them: None).
+OVERHEAD_COLUMNS = ("startup_seconds", "first_step_seconds", "eval_seconds", "checkpoint_seconds")
 
 
 class SweepError(ValueError):
@@ -87,8 +91,10 @@ def write_manifest(sweep: Sweep, root: pathlib.Path) -> None:
 
 
 def gather(sweep: Sweep, root: pathlib.Path) -> list[dict]:
-    """One row per done point (sweep order): point name, tags, summary.json fields, and `flops` / `loss` columns
-    (train FLOPs, validation loss) for the fits. Written atomically to root/results.{csv,jsonl}."""
+    """One row per done point (sweep order): point name, tags, summary.json fields, `overhead_seconds` (its
+    trainer's wall time less its training time: start-up, compilation, evaluations, checkpoints), and `flops` /
+    `loss` columns (train FLOPs, validation loss: None when the run did not evaluate validation) for the fits.
+    Written atomically to root/results.{csv,jsonl}."""
     rows = []
     for point in sweep.points:
         path = workdir(root, point) / "summary.json"
@@ -102,6 +108,8 @@ def gather(sweep: Sweep, root: pathlib.Path) -> list[dict]:
         if missing:
             raise SweepError(f"{path}: summary lacks {', '.join(missing)}")
         row = {"point": point.name, **point.tags, **{c: summary[c] for c in SUMMARY_COLUMNS}}
+        row["overhead_seconds"] = summary["wall_seconds"] - summary["train_seconds"]
+        row.update({c: summary.get(c) for c in OVERHEAD_COLUMNS})
         row.update(flops=summary["train_flops"], loss=summary["final_eval_loss"])
         rows.append(row)
     atomic.write_text(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -112,3 +120,21 @@ def gather(sweep: Sweep, root: pathlib.Path) -> list[dict]:
     writer.writerows(rows)
     atomic.write_text(root / "results.csv", text.getvalue())
     return rows
+
+
+def timing_table(rows: list[dict]) -> str:
+    """Per gathered point: its trainer's wall time, training time and overhead (wall − training) in seconds, the
+    overhead's parts (start-up, first step with its compilation, evaluations, checkpoints), and the totals."""
+    width = max([len("point"), *(len(str(row["point"])) for row in rows)])
+    titles = ("wall s", "train s", "overhead", "start-up", "1st step", "eval", "ckpt")
+    keys = ("wall_seconds", "train_seconds", "overhead_seconds", *OVERHEAD_COLUMNS)
+
+    def cells(values) -> str:
+        return " ".join("       -" if v is None else f"{v:8.2f}" for v in values)
+
+    lines = [f"{'point':{width}s} " + " ".join(f"{t:>8s}" for t in titles)]
+    lines += [f"{str(row['point']):{width}s} " + cells(row.get(k) for k in keys) for row in rows]
+    wall, train = (sum(row[k] for row in rows) for k in keys[:2])
+    share = f" ({(wall - train) / wall:.0%} of wall)" if wall > 0 else ""
+    lines.append(f"{'total':{width}s} " + cells((wall, train, wall - train)) + share)
+    return "\n".join(lines)

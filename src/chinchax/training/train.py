@@ -1,11 +1,14 @@
 """Training: the jit'd step (gradient accumulation over microbatches) and the loop around it.
 
 The loop resumes from the newest readable checkpoint in the workdir (train state and data position), logs
-metrics, evaluates, checkpoints, stops cleanly on SIGTERM/SIGINT and refuses NaNs, then writes summary.json.
+metrics, evaluates, checkpoints, stops cleanly on SIGTERM/SIGINT and refuses NaNs, then evaluates the splits
+train.final_eval names and writes summary.json, with where the process's wall time went (start-up, first step,
+training, evaluations, checkpoints).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -23,7 +26,7 @@ import numpy as np
 import optax
 
 from chinchax import data
-from chinchax.config import batch_size_at, flatten, microbatch_size, tokens_before
+from chinchax.config import batch_size_at, final_eval_splits, flatten, microbatch_size, tokens_before
 from chinchax.model import flops, gpt
 from chinchax.model import loss as loss_lib
 from chinchax.parallel import hardware, memory_plan, mesh
@@ -53,8 +56,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
     tokens: the run's training tokens (the schedule's span) when the caller has planned them already.
 
     Gradients are averaged over the step's real tokens (padding rows excluded) with a scan over microbatches
-    (one compiled body); the metrics are the mean loss, the global gradient norm before clipping, and the
-    step's learning rate.
+    (one compiled body; no scan for a single microbatch); the metrics are the mean loss, the global gradient
+    norm before clipping, and the step's learning rate.
     """
     loss = loss_fn(cfg)
     tokens = tokens or total_tokens(cfg)
@@ -67,12 +70,17 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
         def mean_share(params, inputs, targets):
             return loss(params, inputs, targets)[0] / tokens_in_step
 
-        def accumulate(carry, microbatch):
-            share = jax.value_and_grad(mean_share)(state.params, microbatch["inputs"], microbatch["targets"])
-            return jax.tree.map(jnp.add, carry, share), None
+        def share_of(microbatch):
+            return jax.value_and_grad(mean_share)(state.params, microbatch["inputs"], microbatch["targets"])
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (mean_loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+        def accumulate(carry, microbatch):
+            return jax.tree.map(jnp.add, carry, share_of(microbatch)), None
+
+        if batch["inputs"].shape[0] == 1:  # one microbatch: no accumulator to fill
+            mean_loss, grads = share_of(jax.tree.map(lambda x: x[0], batch))
+        else:
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (mean_loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
         metrics = {"loss": mean_loss, "grad_norm": optax.global_norm(grads), "lr": lr(state.step)}
@@ -137,6 +145,16 @@ def fit_to_devices(cfg: ml_collections.ConfigDict, devices) -> tuple[ml_collecti
     return resolved, choice
 
 
+@contextlib.contextmanager
+def _timed(seconds: dict, key: str):
+    """Adds the block's wall time to seconds[key]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[key] += time.perf_counter() - start
+
+
 class StopRequest:
     """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
 
@@ -161,10 +179,18 @@ def _same_run(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> None:
 
 
 def train(
-    cfg: ml_collections.ConfigDict, workdir: str | os.PathLike, show_progress: bool = True
+    cfg: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    show_progress: bool = True,
+    started: float | None = None,
 ) -> dict | None:
-    """Train (or resume) the run in `workdir`; return the summary, or None when stopped by a signal."""
-    wall_start = time.perf_counter()
+    """Train (or resume) the run in `workdir`; return the summary, or None when stopped by a signal.
+
+    started: the time.perf_counter() at which this process began (experiments.run passes it), so that the
+    summary's wall_seconds and startup_seconds count the imports too; default: this call.
+    """
+    wall_start = time.perf_counter() if started is None else started
+    spent = dict.fromkeys(("startup", "first_step", "eval", "checkpoint"), 0.0)
     workdir = pathlib.Path(workdir)
     devices = mesh.make_mesh(cfg.mesh)
     requested, (cfg, choice) = cfg, fit_to_devices(cfg, devices)
@@ -204,7 +230,8 @@ def train(
     tokens = tokens_before(cfg, start)
     window_loss, window_steps, window_tokens = 0.0, 0, 0
     timer_start, timed_tokens, timed_seconds = time.perf_counter(), 0, 0.0
-    last_saved, eval_loss, final_train_loss = (start if found else None), None, None
+    last_saved, final_train_loss = (start if found else None), None
+    spent["startup"] = timer_start - wall_start
 
     for step in range(start, plan.steps):
         sequences = batch_size_at(cfg, step)
@@ -229,6 +256,8 @@ def train(
         if step > start:  # the first step of a process includes compilation
             timed_tokens += step_tokens
             timed_seconds += time.perf_counter() - timer_start
+        else:
+            spent["first_step"] = time.perf_counter() - timer_start
         log.advance()
         done = step + 1
         if done % cfg.train.log_every == 0 or done == plan.steps:
@@ -243,13 +272,14 @@ def train(
                 rate = timed_tokens / timed_seconds
                 record.update(tokens_per_second=rate, mfu=rate * plan.flops_per_token / peak)
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < plan.steps:
-                eval_loss = evaluate(cfg, eval_step, devices, state.params, store, "validation")
-                record["eval_loss"] = eval_loss
+                with _timed(spent, "eval"):
+                    record["eval_loss"] = evaluate(cfg, eval_step, devices, state.params, store, "validation")
             log.record(record)
             final_train_loss = record["loss"]
             window_loss, window_steps, window_tokens = 0.0, 0, 0
         if done % cfg.train.checkpoint_every == 0 or done == plan.steps or stop.requested:
-            checkpoint.save(mngr, done, state, loader)
+            with _timed(spent, "checkpoint"):
+                checkpoint.save(mngr, done, state, loader)
             last_saved = done
         if stop.requested and done < plan.steps:
             mngr.wait_until_finished()
@@ -263,18 +293,24 @@ def train(
             return None
         timer_start = time.perf_counter()  # evaluation and checkpoint starts are not training time
 
-    mngr.wait_until_finished()
-    mngr.close()
-    eval_loss = evaluate(cfg, eval_step, devices, state.params, store, "validation")
-    test_loss = evaluate(cfg, eval_step, devices, state.params, store, "test")
-    log.note(f"final validation loss {eval_loss:.4f}, test loss {test_loss:.4f}")
+    with _timed(spent, "checkpoint"):
+        mngr.wait_until_finished()
+        mngr.close()
+    with _timed(spent, "eval"):  # only the splits asked for; a split not evaluated is null in the summary
+        final = {
+            s: evaluate(cfg, eval_step, devices, state.params, store, s) for s in final_eval_splits(cfg.train)
+        }
+    if final:
+        log.note("final " + ", ".join(f"{split} loss {loss:.4f}" for split, loss in final.items()))
     rate = timed_tokens / timed_seconds if timed_seconds else float("nan")
     summary = {
         "name": cfg.name,
         "final_train_loss": final_train_loss,
-        "final_eval_loss": eval_loss,
-        "final_test_loss": test_loss,
-        "validation_unigram_entropy": data.open_store(store).unigram_entropy("validation"),
+        "final_eval_loss": final.get("validation"),
+        "final_test_loss": final.get("test"),
+        "validation_unigram_entropy": (
+            data.open_store(store).unigram_entropy("validation") if "validation" in final else None
+        ),
         "params": plan.params,
         "non_embedding_params": plan.non_embedding_params,
         "tokens": tokens,
@@ -283,6 +319,7 @@ def train(
         "flops_per_token": plan.flops_per_token,
         "wall_seconds": time.perf_counter() - wall_start,
         "train_seconds": timed_seconds,
+        **{f"{key}_seconds": seconds for key, seconds in spent.items()},
         "tokens_per_second": rate,
         "mfu": rate * plan.flops_per_token / peak,
         "peak_flops": peak,
