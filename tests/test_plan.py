@@ -114,10 +114,17 @@ def test_cpu_ladder_spans_the_decades_it_promises():
     ladder = sweeps.cpu_ladder()
     rows = [plan.describe(configs.get(p.base), p) for p in ladder.points]
     budgets = [r["train_flops"] for r in rows]
-    assert len(rows) >= 5 and math.log10(max(budgets) / min(budgets)) >= 1.5
+    assert len(rows) >= 6 and math.log10(max(budgets) / min(budgets)) >= 2.5
     for row in rows:
         assert row["train_flops"] == pytest.approx(row["budget"], rel=0.02)
         assert row["tokens_per_param"] == pytest.approx(20.0, rel=0.05)
+    # Cerebras-style shapes: d_model / n_layers within 1.5x of 77 (one layer below d_model 77 / 1.5), and the
+    # largest point deeper than one layer.
+    shapes = [dict(p.overrides) for p in ladder.points]
+    for shape in shapes:
+        ratio = shape["model.d_model"] / shape["model.n_layers"]
+        assert shape["model.n_layers"] == 1 or 77 / 1.5 <= ratio <= 77 * 1.5, shape
+    assert shapes[-1]["model.n_layers"] >= 2, shapes[-1]
 
 
 def test_bad_requests_fail_in_one_line():

@@ -25,9 +25,10 @@ CPU_RECIPE = (
 FINAL_EVAL = (("train.final_eval", "validation"),)
 CPU_HEAD = 16  # d_head at CPU widths (16–128): widths in steps of 16 give budgets about 2× apart
 
-# Budgets where the d_model 16, 32, …, 96 one-layer shapes (Cerebras aspect ratio at these widths) are
-# compute-optimal at 20 tokens/parameter: 6 points over 2.2 decades, ≈ 7.5e12 FLOPs in all.
-LADDER_BUDGETS = (2.1e10, 1.3e11, 4.1e11, 1.0e12, 2.0e12, 3.6e12)
+# Budgets where the Cerebras-aspect shapes (d_model / n_layers near 77) d16 … d96 with one layer, then d112 with
+# two, are compute-optimal at 20 tokens/parameter: 7 points over 3.0 decades, ≈ 2.6e13 FLOPs in all. A second
+# layer fits the aspect ratio from d112 on; the next two-layer point (d128, 2.6e13) would add ~4 minutes.
+LADDER_BUDGETS = (2.1e10, 1.3e11, 4.1e11, 1.0e12, 2.0e12, 3.6e12, 1.9e13)
 ISOFLOP_BUDGETS = (1e11, 3e11, 1e12)
 MUTRANSFER_WIDTHS = (32, 64, 128)
 MUTRANSFER_LRS = tuple(10.0**e for e in (-3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5))  # half-decade log grid
@@ -65,7 +66,7 @@ def smoke() -> Sweep:
 
 
 def cpu_ladder() -> Sweep:
-    """Compute-optimal points (20 tokens/param) over 2.2 decades of FLOPs, then L(C) = (C/C_c)^-alpha + E."""
+    """Compute-optimal points (20 tokens/param) over 3.0 decades of FLOPs, then L(C) = (C/C_c)^-alpha + E."""
     base = configs.get(CPU_BASE)
     points = plan.ladder(base, CPU_BASE, LADDER_BUDGETS, d_head=CPU_HEAD, extra=CPU_RECIPE + FINAL_EVAL)
     return Sweep("cpu_ladder", cpu_ladder.__doc__, tuple(points), analysis="compute_law")
