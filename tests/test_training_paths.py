@@ -291,3 +291,21 @@ def test_a_run_with_auto_attention_has_the_losses_of_xla_attention(tmp_path):
     assert gpt.attention_implementation(cfg.model) == "blockwise"  # cfg: the 'auto' run's, on this CPU
     assert len(runs["auto"]) == len(runs["xla"]) > 20, f"seed {seed}"
     np.testing.assert_allclose(runs["auto"], runs["xla"], rtol=1e-5, err_msg=f"seed {seed}")
+
+
+@pytest.mark.parametrize(
+    "backend,dtype,layers,attention,loop",
+    [
+        ("cpu", "float32", 6, "blockwise", "unroll"),
+        ("cpu", "bfloat16", 12, "blockwise", "scan"),
+        ("gpu", "bfloat16", 6, "cudnn", "scan"),
+        ("gpu", "float32", 6, "pallas", "scan"),
+        ("tpu", "bfloat16", 6, "pallas", "scan"),
+    ],
+)
+def test_auto_resolves_per_backend(monkeypatch, backend, dtype, layers, attention, loop):
+    """'auto' attention: cuDNN for bf16 on GPU, Pallas flash for fp32 on GPU and on TPU, blockwise on CPU;
+    'auto' layer loop: unrolled on CPU up to 8 layers, scanned otherwise."""
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    model = tiny(**{"model.compute_dtype": dtype, "model.n_layers": layers}).model
+    assert (gpt.attention_implementation(model), gpt.layer_loop(model)) == (attention, loop)

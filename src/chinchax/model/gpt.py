@@ -3,8 +3,8 @@
 Learned absolute positions, pre-LN blocks with a final LayerNorm, exact causal attention with fused biased
 Q/K/V, an exact-GELU MLP, the head tied to the token embedding without a bias, no dropout. Blocks run under
 `nn.scan`, parameters stacked on a leading `layers` axis: one compiled body, or unrolled (`model.layer_loop`).
-Attention is whole-score XLA einsums or a kernel that never writes the (seq × seq) scores (`model.attention`). Every parameter carries logical
-axis names for the sharding rules. Params are fp32; matmuls run in `compute_dtype`; softmax and logits are fp32.
+Attention is whole-score XLA einsums or a kernel that never writes the (seq × seq) scores (`model.attention`).
+Every parameter carries logical axis names for the sharding rules. Params are fp32; matmuls run in `compute_dtype`; softmax and logits are fp32.
 Init and forward multipliers come from `parametrization` (SP or μP). With `mutable=["intermediates"]` the
 forward pass also returns the mean |activation| of the embedding output, attention logits, every block's
 output and the logits (the μP coordinate check); otherwise those cost nothing.
