@@ -5,7 +5,8 @@ The state and batch enter as jax.ShapeDtypeStructs carrying their shardings, so 
 (cost_analysis). XLA's cost analysis counts the body of a while loop once, and the layers run as a scan (a
 while loop of n_layers trips, forward and backward), so its FLOP count is per device and per *one* layer;
 `hlo_matmul_flops` reads the compiled HLO instead and multiplies every dot by the known trip counts of the
-loops around it, which is comparable with the analytic count (chinchax.model.flops also counts matmuls only).
+loops around it (the walk chinchax.parallel.perf_model counts collectives with), which is comparable with the
+analytic count (chinchax.model.flops also counts matmuls only).
 """
 
 from __future__ import annotations
@@ -22,18 +23,8 @@ import ml_collections
 from chinchax.config import ConfigError, microbatch_size
 from chinchax.model import flops
 from chinchax.parallel import mesh as mesh_lib
+from chinchax.parallel import perf_model
 from chinchax.training import train
-
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \((.*)\) -> .* \{$")
-_PARAM = re.compile(r"(\S+): \w+\[([\d,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
-_ARRAY_SHAPE = re.compile(r"^\w+\[([\d,]*)\]")
-_CALLEE = re.compile(r"(?:calls|body|to_apply|branch_computations)=\{?%([\w.\-]+)")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-
-
-def _dims(text: str) -> tuple[int, ...]:
-    return tuple(int(d) for d in text.split(",") if d)
 
 
 def hlo_matmul_flops(hlo_text: str) -> float:
@@ -42,40 +33,16 @@ def hlo_matmul_flops(hlo_text: str) -> float:
     For an SPMD-partitioned module this is per device. Dots inside fusions count once per call of the
     fusion; a while body counts `known_trip_count` times (once when XLA does not know the count).
     """
-    own: dict[str, float] = {}
-    calls: dict[str, list[tuple[str, int]]] = {}
-    entry, name, shapes = None, None, {}
-    for line in hlo_text.splitlines():
-        if match := _COMPUTATION.match(line):
-            name = match.group(1)
-            entry = name if line.startswith("ENTRY") else entry
-            own[name], calls[name] = 0.0, []
-            shapes = {p: _dims(d) for p, d in _PARAM.findall(match.group(2))}
-            continue
-        if name is None or not (match := _INSTRUCTION.match(line)):
-            continue
-        result, shape, opcode, rest = match.groups()
-        if array := _ARRAY_SHAPE.match(shape):
-            shapes[result] = _dims(array.group(1))
-        if opcode == "dot":
-            lhs = shapes[rest.split(",")[0].strip().lstrip("%").rstrip(")")]
-            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-            k = math.prod(lhs[i] for i in _dims(contracting.group(1))) if contracting else 1
-            own[name] += 2.0 * math.prod(shapes[result]) * k
-        trips = _TRIP_COUNT.search(rest)
-        for callee in _CALLEE.findall(rest):
-            calls[name].append((callee, int(trips.group(1)) if opcode == "while" and trips else 1))
 
-    totals: dict[str, float] = {}
+    def dot(result, shape, opcode, rest, shapes) -> dict[str, float]:
+        if opcode != "dot":
+            return {}
+        lhs = shapes[rest.split(",")[0].strip().lstrip("%").rstrip(")")]
+        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+        k = math.prod(lhs[i] for i in perf_model.dims(contracting.group(1))) if contracting else 1
+        return {"flops": 2.0 * math.prod(shapes[result]) * k}
 
-    def total(computation: str) -> float:
-        if computation not in totals:
-            totals[computation] = own.get(computation, 0.0) + sum(
-                times * total(callee) for callee, times in calls.get(computation, [])
-            )
-        return totals[computation]
-
-    return total(entry)
+    return perf_model.hlo_loop_totals(hlo_text, dot).get("flops", 0.0)
 
 
 def _devices(preset_devices: int | None, devices: int | Sequence[jax.Device] | None) -> list[jax.Device]:
@@ -131,7 +98,8 @@ def compile_plan(
         - memory.alias_size_in_bytes
         + memory.temp_size_in_bytes
     )
-    matmul_per_device = hlo_matmul_flops(compiled.as_text())
+    hlo = compiled.as_text()
+    matmul_per_device = hlo_matmul_flops(hlo)
     step_tokens = microbatches * padded * cfg.data.seq_len
     analytic = flops.flops_per_token(cfg.model, cfg.data.seq_len) * step_tokens
     return {
@@ -160,6 +128,7 @@ def compile_plan(
             "dots by loop trip counts. With remat the backward pass recomputes each block's forward "
             "(block matmuls ×4/3); replicated axes (e.g. vocab under tensor parallelism) compute twice.",
         },
+        "collective_bytes_per_device": perf_model.collective_bytes(hlo, dict(mesh.shape)),
         "lower_seconds": lowered_at - start,
         "compile_seconds": compiled_at - lowered_at,
     }

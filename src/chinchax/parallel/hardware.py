@@ -1,9 +1,12 @@
-"""The devices a run can be planned for: memory and dense peak FLOP/s per device, each with its source.
+"""The devices a run can be planned for: memory, dense peak FLOP/s and bandwidths per device, each with its source.
 
-One table, used by the mesh presets (what a preset's chips hold), the memory plan (what fits) and MFU (the
-peak). Memory is what the device offers a process (HBM, or on a Cerebras CS-2 the wafer's SRAM, where only
-activations live: weights and optimizer state stay in MemoryX and stream in). Peaks are dense bf16, the figure
-MFU is quoted against; a CPU's peak is measured on the machine at hand.
+One table, used by the mesh presets (what a preset's chips hold), the memory plan (what fits), MFU (the peak)
+and the performance model (chinchax.parallel.perf_model: the bandwidths). Memory is what the device offers a
+process (HBM, or on a Cerebras CS-2 the wafer's SRAM, where only activations live: weights and optimizer state
+stay in MemoryX and stream in). Peaks are dense bf16, the figure MFU is quoted against; a CPU's peak is
+measured on the machine at hand. Bandwidths are bytes/s per device: memory (HBM, or the wafer's SRAM), and one
+link within a host and one across hosts, each per direction (what a ring collective's step sends while it
+receives as much). A CPU's bandwidths are not in the table yet (None).
 """
 
 from __future__ import annotations
@@ -33,27 +36,60 @@ class Device:
     kind_match: str  # substring of jax's `device_kind` that identifies it
     source: str
     devices_per_host: int | None = None  # in a multi-host pod (8 GPUs per node, 4 TPU chips per host)
+    memory_bandwidth: float | None = None  # bytes/s per device (HBM; on a CS-2 the wafer's SRAM)
+    intra_host_link: tuple[str, float] | None = None  # (name, bytes/s per device per direction) within a host
+    inter_host_link: tuple[str, float] | None = None  # (name, bytes/s per device per direction) across hosts
+    bandwidth_source: str = ""
 
 
 # fmt: off
+IB_NDR = ("InfiniBand NDR (ConnectX-7, 400 Gb/s per GPU)", 50e9)
+DGX_H100 = ("NVIDIA DGX H100/H200 user guide: 8 × ConnectX-7 400 Gb/s InfiniBand NDR for the compute fabric, "
+            "one per GPU")
 DEVICES: dict[str, Device] = {  # by_kind takes the first match: the more specific names come first
     "h100-pcie": Device("NVIDIA H100 PCIe 80 GB", "gpu", 80 * GiB, 756e12, True, "H100 PCIe",
-                        "NVIDIA H100 Tensor Core GPU datasheet: 80 GB HBM2e, 756 TFLOP/s dense BF16 (PCIe)", devices_per_host=8),
+                        "NVIDIA H100 Tensor Core GPU datasheet: 80 GB HBM2e, 756 TFLOP/s dense BF16 (PCIe)", devices_per_host=8,
+                        memory_bandwidth=2.0e12, intra_host_link=("PCIe Gen5 x16", 64e9), inter_host_link=IB_NDR,
+                        bandwidth_source="NVIDIA H100 datasheet (PCIe): 2 TB/s HBM2e, PCIe Gen5 128 GB/s both ways "
+                        "(NVLink bridges join pairs only, so 8 GPUs talk over PCIe); " + DGX_H100),
     "h100": Device("NVIDIA H100 SXM5 80 GB", "gpu", 80 * GiB, 989.4e12, True, "H100",
-                   "NVIDIA H100 Tensor Core GPU datasheet: 80 GB HBM3, 989.4 TFLOP/s dense BF16 (SXM5)", devices_per_host=8),
+                   "NVIDIA H100 Tensor Core GPU datasheet: 80 GB HBM3, 989.4 TFLOP/s dense BF16 (SXM5)", devices_per_host=8,
+                   memory_bandwidth=3.35e12, intra_host_link=("NVLink 4", 450e9), inter_host_link=IB_NDR,
+                   bandwidth_source="NVIDIA H100 datasheet (SXM): 3.35 TB/s HBM3, NVLink 900 GB/s both ways; "
+                   + DGX_H100),
     "h200": Device("NVIDIA H200 SXM 141 GB", "gpu", 141 * 10**9, 989.4e12, True, "H200",
-                   "NVIDIA H200 Tensor Core GPU datasheet: 141 GB HBM3e, 989 TFLOP/s dense BF16", devices_per_host=8),
+                   "NVIDIA H200 Tensor Core GPU datasheet: 141 GB HBM3e, 989 TFLOP/s dense BF16", devices_per_host=8,
+                   memory_bandwidth=4.8e12, intra_host_link=("NVLink 4", 450e9), inter_host_link=IB_NDR,
+                   bandwidth_source="NVIDIA H200 datasheet (SXM): 4.8 TB/s HBM3e, NVLink 900 GB/s both ways; "
+                   + DGX_H100),
     "a100": Device("NVIDIA A100 SXM4 80 GB", "gpu", 80 * GiB, 312e12, True, "A100",
-                   "NVIDIA A100 Tensor Core GPU datasheet: 80 GB HBM2e, 312 TFLOP/s dense BF16", devices_per_host=8),
+                   "NVIDIA A100 Tensor Core GPU datasheet: 80 GB HBM2e, 312 TFLOP/s dense BF16", devices_per_host=8,
+                   memory_bandwidth=2.039e12, intra_host_link=("NVLink 3", 300e9),
+                   inter_host_link=("InfiniBand HDR (ConnectX-6, 200 Gb/s per GPU)", 25e9),
+                   bandwidth_source="NVIDIA A100 datasheet (80 GB SXM): 2,039 GB/s HBM2e, NVLink 600 GB/s both "
+                   "ways; NVIDIA DGX A100 user guide: 8 × ConnectX-6 200 Gb/s HDR InfiniBand, one per GPU"),
     "tpu-v5e": Device("Google TPU v5e", "tpu", 16 * GiB, 197e12, True, "TPU v5 lite",
-                      "Google Cloud TPU v5e documentation: 16 GiB HBM2 per chip, 197 TFLOP/s BF16", devices_per_host=4),
+                      "Google Cloud TPU v5e documentation: 16 GiB HBM2 per chip, 197 TFLOP/s BF16", devices_per_host=4,
+                      memory_bandwidth=819e9, intra_host_link=("ICI", 200e9), inter_host_link=("ICI", 200e9),
+                      bandwidth_source="Google Cloud TPU v5e documentation: 819 GB/s HBM2, inter-chip "
+                      "interconnect 1,600 Gbps per chip (a slice's hosts share the ICI torus)"),
     "tpu-v5p": Device("Google TPU v5p", "tpu", 95 * GiB, 459e12, True, "TPU v5p",
-                      "Google Cloud TPU v5p documentation: 95 GiB HBM2e per chip, 459 TFLOP/s BF16", devices_per_host=4),
+                      "Google Cloud TPU v5p documentation: 95 GiB HBM2e per chip, 459 TFLOP/s BF16", devices_per_host=4,
+                      memory_bandwidth=2765e9, intra_host_link=("ICI", 600e9), inter_host_link=("ICI", 600e9),
+                      bandwidth_source="Google Cloud TPU v5p documentation: 2,765 GB/s HBM2e, inter-chip "
+                      "interconnect 4,800 Gbps per chip (1,200 GB/s bidirectional)"),
     "tpu-v4": Device("Google TPU v4", "tpu", 32 * GiB, 275e12, True, "TPU v4",
-                     "Google Cloud TPU v4 documentation: 32 GiB HBM2 per chip, 275 TFLOP/s BF16", devices_per_host=4),
+                     "Google Cloud TPU v4 documentation: 32 GiB HBM2 per chip, 275 TFLOP/s BF16", devices_per_host=4,
+                     memory_bandwidth=1200e9, intra_host_link=("ICI", 300e9), inter_host_link=("ICI", 300e9),
+                     bandwidth_source="Google Cloud TPU v4 documentation: 1,200 GB/s HBM2; Google Cloud TPU v5p "
+                     "announcement (Dec 2023), v4 column: inter-chip interconnect 2,400 Gbps per chip"),
     "cs2": Device("Cerebras CS-2 (WSE-2)", "cs2", 40 * 10**9, None, False, "CS-2",
                   "Cerebras CS-2 datasheet: 40 GB on-wafer SRAM; weight streaming keeps weights and "
-                  "optimizer state in MemoryX (Cerebras-GPT, Dey et al. 2023, Sec. 3)"),
+                  "optimizer state in MemoryX (Cerebras-GPT, Dey et al. 2023, Sec. 3)",
+                  memory_bandwidth=20e15, inter_host_link=("MemoryX → SwarmX → wafer (12 × 100 GbE)", 150e9),
+                  bandwidth_source="Cerebras CS-2 datasheet: 20 PB/s on-wafer memory bandwidth, system I/O "
+                  "12 × 100 Gigabit Ethernet (1.2 Tb/s); Cerebras weight-streaming white paper: weights "
+                  "stream in from MemoryX and gradients reduce out through SwarmX over these links"),
     "cpu": Device("host CPU", "cpu", None, None, True, "cpu",
                   "this machine: available RAM split over its local devices; peak measured"),
 }

@@ -1,0 +1,241 @@
+"""The performance model: the collectives of a compiled step, per mesh axis, and a roofline step time.
+
+`collective_bytes` reads a compiled, SPMD-partitioned HLO module (`compiled.as_text()`) and gives, per device
+and per step, the bytes each kind of collective moves over each mesh axis (or set of axes), keyed
+'<kind> on <axes>' (e.g. 'all-gather on fsdp', 'all-reduce on fsdp+tensor'). An async pair (-start / -done)
+counts once. Bytes follow the ring conventions (NCCL's "bus bandwidth"): with g devices in a group and an
+output of B bytes, all-gather and all-to-all move B·(g−1)/g, reduce-scatter B·(g−1), all-reduce 2·B·(g−1)/g,
+collective-permute B. A collective's replica groups are matched to the mesh axes whose device groups hold
+them (devices numbered as `mesh.devices.flat`, which is how jit assigns them). Loop bodies count trip-count
+times through `hlo_loop_totals`, the walk chinchax.dryrun.aot also counts matmul FLOPs with.
+
+`predict` turns per-device FLOPs, bytes accessed and collective bytes into a step time on a device of
+chinchax.parallel.hardware: compute = FLOPs / peak FLOP/s, memory = bytes / memory bandwidth, each collective
+= bytes / the bandwidth of its axis's link. Overlap assumption (conservative): compute and memory traffic
+overlap each other, collectives overlap nothing, so step = max(compute, memory) + Σ collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+from chinchax.parallel import hardware
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \((.*)\) -> .* \{$")
+_PARAM = re.compile(r"(\S+): \w+\[([\d,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+_ARRAY_SHAPE = re.compile(r"^\w+\[([\d,]*)\]")
+_CALLEE = re.compile(r"(?:calls|body|to_apply|branch_computations)=\{?%([\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+_ARRAYS = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+# measure(result name, result shape text, opcode, operands and attributes text, {name: dims} so far) → amounts
+Measure = Callable[[str, str, str, str, dict[str, tuple[int, ...]]], dict[str, float]]
+
+
+def dims(text: str) -> tuple[int, ...]:
+    """'8,64' → (8, 64)."""
+    return tuple(int(d) for d in text.split(",") if d)
+
+
+def hlo_loop_totals(hlo_text: str, measure: Measure) -> dict[str, float]:
+    """Σ measure(...) over the instructions the entry computation runs: a called computation (fusion, call,
+    reducer, branch) counts once per call, a while body `known_trip_count` times (once when XLA does not know
+    the count)."""
+    own: dict[str, dict[str, float]] = {}
+    calls: dict[str, list[tuple[str, int]]] = {}
+    entry, name, shapes = None, None, {}
+    for line in hlo_text.splitlines():
+        if match := _COMPUTATION.match(line):
+            name = match.group(1)
+            entry = name if line.startswith("ENTRY") else entry
+            own[name], calls[name] = {}, []
+            shapes = {p: dims(d) for p, d in _PARAM.findall(match.group(2))}
+            continue
+        if name is None or not (match := _INSTRUCTION.match(line)):
+            continue
+        result, shape, opcode, rest = match.groups()
+        if array := _ARRAY_SHAPE.match(shape):
+            shapes[result] = dims(array.group(1))
+        for key, amount in measure(result, shape, opcode, rest, shapes).items():
+            own[name][key] = own[name].get(key, 0.0) + amount
+        trips = _TRIP_COUNT.search(rest)
+        for callee in _CALLEE.findall(rest):
+            calls[name].append((callee, int(trips.group(1)) if opcode == "while" and trips else 1))
+
+    totals: dict[str, dict[str, float]] = {}
+
+    def total(computation: str) -> dict[str, float]:
+        if computation not in totals:
+            summed = dict(own.get(computation, {}))
+            for callee, times in calls.get(computation, []):
+                for key, amount in total(callee).items():
+                    summed[key] = summed.get(key, 0.0) + times * amount
+            totals[computation] = summed
+        return totals[computation]
+
+    return total(entry)
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of an HLO shape, a tuple's arrays summed: '(f32[64]{0}, bf16[2,8])' → 256 + 32 (pred: 1 byte;
+    the bits of any other type are the first number in its name: s32, bf16, f8e4m3fn)."""
+    total = 0
+    for dtype, sizes in _ARRAYS.findall(shape):
+        bits = re.search(r"\d+", dtype)
+        itemsize = 1 if dtype == "pred" else int(bits.group()) // 8 if bits else 0
+        total += math.prod(dims(sizes)) * itemsize
+    return total
+
+
+def replica_groups(rest: str, devices: int) -> list[tuple[int, ...]]:
+    """The device groups of a collective's attributes, in any of HLO's spellings: explicit {{0,1},{2,3}},
+    iota [2,4]<=[4,2]T(1,0), mesh['a'=2,'b'=4] {'b'}, collective-permute's source_target_pairs, or none
+    (all devices)."""
+    if match := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", rest):
+        axes = re.findall(r"'(\w+)'=(\d+)", match.group(1))
+        names, sizes = [a for a, _ in axes], [int(s) for _, s in axes]
+        grouped = [names.index(a) for a in re.findall(r"'(\w+)'", match.group(2))]
+        ids = np.arange(math.prod(sizes)).reshape(sizes)
+        ids = np.moveaxis(ids, grouped, range(len(sizes) - len(grouped), len(sizes)))
+        return [tuple(g) for g in ids.reshape(-1, math.prod(sizes[i] for i in grouped)).tolist()]
+    if match := re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", rest):
+        ids = np.arange(math.prod(dims(match.group(2)))).reshape(dims(match.group(2)))
+        ids = ids.transpose(dims(match.group(3))) if match.group(3) else ids
+        return [tuple(g) for g in ids.reshape(dims(match.group(1))).tolist()]
+    if match := re.search(r"(?:replica_groups|source_target_pairs)=\{((?:\{[\d,]*\},?)*)\}", rest):
+        groups = [dims(g) for g in re.findall(r"\{([\d,]*)\}", match.group(1))]
+        if groups:
+            return groups
+    return [tuple(range(devices))]
+
+
+def axis_groups(mesh_shape: dict[str, int], axes: tuple[str, ...]) -> list[frozenset[int]]:
+    """The device groups (positions in mesh.devices.flat) within which only `axes` vary."""
+    names = list(mesh_shape)
+    ids = np.arange(math.prod(mesh_shape.values())).reshape(tuple(mesh_shape.values()))
+    moved = np.moveaxis(ids, [names.index(a) for a in axes], range(len(names) - len(axes), len(names)))
+    return [frozenset(g) for g in moved.reshape(-1, math.prod(mesh_shape[a] for a in axes)).tolist()]
+
+
+def attribute(groups: list[tuple[int, ...]], mesh_shape: dict[str, int]) -> str:
+    """The smallest set of (non-trivial) mesh axes whose device groups hold every group: 'fsdp', 'fsdp+tensor'."""
+    live = [a for a, size in mesh_shape.items() if size > 1]
+    for count in range(1, len(live) + 1):
+        for axes in itertools.combinations(live, count):
+            within = axis_groups(mesh_shape, axes)
+            if all(any(set(g) <= w for w in within) for g in groups):
+                return "+".join(axes)
+    raise ValueError(f"replica groups {groups} span devices outside the mesh {mesh_shape}")
+
+
+def _moved(kind: str, out_bytes: int, group: int) -> float:
+    """Bytes one device sends for a collective of `group` devices with an output of `out_bytes`."""
+    if kind == "collective-permute":
+        return float(out_bytes)
+    if group <= 1:
+        return 0.0
+    share = {"all-gather": 1, "all-to-all": 1, "all-reduce": 2, "reduce-scatter": group}[kind]
+    return share * out_bytes * (group - 1) / group
+
+
+def collective_bytes(hlo_text: str, mesh_shape: dict[str, int]) -> dict[str, float]:
+    """{'<kind> on <axes>': bytes per device per step} of every collective in a compiled SPMD module on a mesh
+    of these axis sizes ({'data': d, 'fsdp': f, 'tensor': t}), loops counted trip-count times."""
+    devices = math.prod(mesh_shape.values())
+    started: dict[str, tuple[str, list[tuple[int, ...]]]] = {}
+
+    def measure(result, shape, opcode, rest, shapes) -> dict[str, float]:
+        kind = opcode.removesuffix("-start").removesuffix("-done")
+        if kind not in COLLECTIVES:
+            return {}
+        if opcode.endswith("-start"):  # counted at its -done, whose shape is the output alone
+            started[result] = (kind, replica_groups(rest, devices))
+            return {}
+        if opcode.endswith("-done"):
+            kind, groups = started[rest.split(")")[0].strip().lstrip("%")]
+        else:
+            groups = replica_groups(rest, devices)
+        if len({device for group in groups for device in group}) <= 1:
+            return {}  # nothing leaves the device (a one-device mesh)
+        moved = _moved(kind, shape_bytes(shape), len(groups[0]))
+        return {f"{kind} on {attribute(groups, mesh_shape)}": moved} if moved else {}
+
+    return hlo_loop_totals(hlo_text, measure)
+
+
+def axis_links(device: hardware.Device, mesh_shape: dict[str, int]) -> dict[str, tuple[str, float]]:
+    """{axis: (link name, bytes/s per device)}. Devices are numbered host by host and the mesh is laid out
+    (data, fsdp, tensor) with the last axis fastest, so an axis stays within a host when its size times the
+    sizes of the axes after it fits in `devices_per_host`; a device without hosts (CS-2) uses its inter-host
+    link for every axis."""
+    links, inner = {}, 1
+    for axis in reversed(list(mesh_shape)):
+        inner *= mesh_shape[axis]
+        within = device.devices_per_host is not None and inner <= device.devices_per_host
+        link = device.intra_host_link if within else device.inter_host_link
+        if link is None:
+            raise ValueError(
+                f"the device table has no {'intra' if within else 'inter'}-host link for {device.name}"
+            )
+        links[axis] = link
+    return links
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """A roofline step time and what follows from it."""
+
+    seconds: float  # predicted step time
+    bound: str  # the longest term: 'compute', 'memory' or '<kind> on <axes>'
+    compute_seconds: float  # per-device FLOPs / peak FLOP/s
+    memory_seconds: float  # per-device bytes accessed / memory bandwidth
+    collective_seconds: dict[str, float]  # '<kind> on <axes>' → bytes / that axis's link bandwidth
+    mfu: float  # model FLOPs per step / (seconds · devices · peak)
+    tokens_per_second: float
+
+
+def predict(
+    device: hardware.Device,
+    mesh_shape: dict[str, int],
+    flops: float,
+    bytes_accessed: float,
+    collectives: dict[str, float],
+    tokens_per_step: int,
+    model_flops_per_step: float,
+    peak_flops: float | None = None,
+) -> Prediction:
+    """The step time of a step that does, per device, `flops` FLOPs, `bytes_accessed` bytes of memory traffic
+    and `collectives` ({'<kind> on <axes>': bytes}, as `collective_bytes` gives), on `device` laid out as
+    `mesh_shape`: max(compute, memory) + Σ collectives (collectives overlap nothing). A collective over
+    several axes runs at the slowest of their links. peak_flops (FLOP/s per device) defaults to the table's;
+    model_flops_per_step is the analytic count over all devices, the numerator of MFU."""
+    peak = peak_flops or device.peak_flops
+    if not peak or not device.memory_bandwidth:
+        raise ValueError(f"the device table has no peak FLOP/s or memory bandwidth for {device.name}")
+    links = axis_links(device, mesh_shape)
+    compute, memory = flops / peak, bytes_accessed / device.memory_bandwidth
+    comms = {
+        name: moved / min(links[axis][1] for axis in name.split(" on ")[1].split("+"))
+        for name, moved in collectives.items()
+    }
+    seconds = max(compute, memory) + sum(comms.values())
+    terms = {"compute": compute, "memory": memory, **comms}
+    devices = math.prod(mesh_shape.values())
+    return Prediction(
+        seconds=seconds,
+        bound=max(terms, key=terms.get),
+        compute_seconds=compute,
+        memory_seconds=memory,
+        collective_seconds=comms,
+        mfu=model_flops_per_step / (seconds * devices * peak),
+        tokens_per_second=tokens_per_step / seconds,
+    )
