@@ -9,12 +9,13 @@ Causal masking is top-left aligned, as `jnp.tril` in `jax.nn.dot_product_attenti
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from .inputs import checked_scale
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite, so fully masked rows never produce inf - inf
 _MIN_BLOCK = 16  # Triton's tl.dot needs every dimension >= 16
@@ -65,17 +66,14 @@ def flash_attention(
     scale defaults to 1/sqrt(head_dim) (μP passes 1/head_dim). Scores, softmax statistics and accumulators are
     fp32; the output has q's dtype. interpret=None picks Pallas' interpreter on backends other than GPU and TPU.
     """
-    _check_inputs(q, k, v)
+    scale = checked_scale("flash_attention", q, k, v, scale)
     backend = jax.default_backend()
     if interpret is None:
         interpret = backend not in ("gpu", "tpu")
     head_dim = q.shape[-1]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    if isinstance(scale, jax.core.Tracer):
-        raise TypeError("flash_attention: scale must be a Python number, not a traced array")
     q_len, kv_len = q.shape[1], k.shape[1]
     blocks = _clip_blocks(block_sizes or BlockSizes.for_backend(backend), q_len, kv_len)
-    config = _Config(causal, float(scale), q_len, kv_len, blocks, bool(interpret), backend)
+    config = _Config(causal, scale, q_len, kv_len, blocks, bool(interpret), backend)
 
     padded_dim = max(_MIN_BLOCK, pl.next_power_of_2(head_dim))
     q_pad = _round_up(q_len, max(blocks.q, blocks.q_backward)) - q_len
@@ -89,22 +87,6 @@ def flash_attention(
         to_kernel_layout(q, q_pad), to_kernel_layout(k, kv_pad), to_kernel_layout(v, kv_pad), config
     )
     return jnp.swapaxes(out[:, :, :q_len, :head_dim], 1, 2)
-
-
-def _check_inputs(q, k, v):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.ndim != 4:
-            raise ValueError(
-                f"flash_attention: {name} must be (batch, seq, heads, head_dim), got shape {x.shape}"
-            )
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise TypeError(f"flash_attention: {name} must be floating point, got {x.dtype}")
-    if k.shape != v.shape:
-        raise ValueError(f"flash_attention: k and v shapes differ: {k.shape} vs {v.shape}")
-    if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
-        raise ValueError(f"flash_attention: q {q.shape} and k {k.shape} differ in batch, heads or head_dim")
-    if not q.dtype == k.dtype == v.dtype:
-        raise TypeError(f"flash_attention: q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 def _round_up(n: int, multiple: int) -> int:

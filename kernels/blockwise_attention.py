@@ -14,10 +14,11 @@ Layout (batch, seq, heads, head_dim) as `jax.nn.dot_product_attention`; causal m
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
+
+from .inputs import checked_scale
 
 SCORE_CACHE_BYTES = 2**18  # one block's fp32 scores for a group of rows: well inside a core's L2
 
@@ -46,20 +47,13 @@ def blockwise_attention(
     """softmax(scale · q kᵀ + causal mask) v for q (batch, q_len, heads, head_dim), k and v (batch, kv_len, heads,
     head_dim); scale defaults to 1/sqrt(head_dim). Scores and softmax statistics are fp32; the output has q's
     dtype. block_q, block_k: rows and keys per block (any positive sizes; the last block may be shorter)."""
-    if q.ndim != 4 or k.shape != v.shape or q.shape[0::2] != k.shape[0::2]:
-        raise ValueError(
-            f"blockwise_attention: need q (b, q_len, h, d), k = v (b, kv_len, h, d); got {q.shape}, "
-            f"{k.shape}, {v.shape}"
-        )
+    scale = checked_scale("blockwise_attention", q, k, v, scale)
     if block_q < 1 or block_k < 1:
         raise ValueError(f"blockwise_attention: block sizes must be positive, got {block_q}, {block_k}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if isinstance(scale, jax.core.Tracer):
-        raise TypeError("blockwise_attention: scale must be a Python number, not a traced array")
     rows = q.shape[0] * q.shape[2]
     fitting = max(1, SCORE_CACHE_BYTES // (4 * min(block_q, q.shape[1]) * min(block_k, k.shape[1])))
     group = max(d for d in range(1, min(rows, fitting) + 1) if rows % d == 0)
-    config = _Config(causal, float(scale), block_q, block_k, group)
+    config = _Config(causal, scale, block_q, block_k, group)
     heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # (batch, heads, seq, head_dim)
     out = _attention(heads_first(q), heads_first(k), heads_first(v), config)
     return heads_first(out)

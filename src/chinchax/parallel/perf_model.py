@@ -101,12 +101,9 @@ def replica_groups(rest: str, devices: int) -> list[tuple[int, ...]]:
     iota [2,4]<=[4,2]T(1,0), mesh['a'=2,'b'=4] {'b'}, collective-permute's source_target_pairs, or none
     (all devices)."""
     if match := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", rest):
-        axes = re.findall(r"'(\w+)'=(\d+)", match.group(1))
-        names, sizes = [a for a, _ in axes], [int(s) for _, s in axes]
-        grouped = [names.index(a) for a in re.findall(r"'(\w+)'", match.group(2))]
-        ids = np.arange(math.prod(sizes)).reshape(sizes)
-        ids = np.moveaxis(ids, grouped, range(len(sizes) - len(grouped), len(sizes)))
-        return [tuple(g) for g in ids.reshape(-1, math.prod(sizes[i] for i in grouped)).tolist()]
+        sizes = {axis: int(size) for axis, size in re.findall(r"'(\w+)'=(\d+)", match.group(1))}
+        grouped = tuple(re.findall(r"'(\w+)'", match.group(2)))
+        return [tuple(sorted(group)) for group in axis_groups(sizes, grouped)]
     if match := re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", rest):
         ids = np.arange(math.prod(dims(match.group(2)))).reshape(dims(match.group(2)))
         ids = ids.transpose(dims(match.group(3))) if match.group(3) else ids
