@@ -61,10 +61,10 @@ def main(argv):
     started = time.perf_counter()
     ours = fit.fit_chinchilla(params, tokens, loss)
     rows.append(("batched L-BFGS, pruned " + str(fit.GRID_PRUNE), len(starts), time.perf_counter() - started))
-    results = {"ours": ours.objective}
+    results = {"ours": ours.objective_value}
 
     if _UNPRUNED.value:
-        objective = fit.lse_huber_objective(np.log(np.stack([params, tokens], axis=1)), loss)
+        objective = fit.lse_objective(np.log(np.stack([params, tokens], axis=1)), loss)
         started = time.perf_counter()
         unpruned = batched_lbfgs.minimize(objective, starts)
         rows.append(("batched L-BFGS, no pruning", len(starts), time.perf_counter() - started))

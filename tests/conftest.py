@@ -34,3 +34,9 @@ def cerebras_reference() -> dict:
 def chinchilla_points_path() -> pathlib.Path:
     """reference/chinchilla_fig4_points.csv: 245 (params, FLOPs, tokens, loss) points."""
     return reference_dir() / "chinchilla_fig4_points.csv"
+
+
+@pytest.fixture(scope="session")
+def cerebras_pile_losses_path() -> pathlib.Path:
+    """tests/reference/cerebras_gpt_pile_losses.csv: the seven SP models' training FLOPs and Pile test loss."""
+    return VENDORED_REFERENCE / "cerebras_gpt_pile_losses.csv"

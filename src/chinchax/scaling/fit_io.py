@@ -2,7 +2,15 @@
 
 A results file is CSV (header row) or JSONL (one object per line) with columns `flops` (or `train_flops`) and
 `loss`, or `params`, `tokens` and `loss` (then C = 6ND unless a FLOPs column is there too). An optional `run`
-column names the training run each point belongs to (approach 1's curves; default: one run per `params`).
+column names the training run each point belongs to (approach 1's curves; default: one run per `params`), an
+optional `budget` column the isoFLOP budget it was planned for (approach 2's groups; default: points within 10%
+in C).
+
+Counting conventions (Porian et al. 2024 trace much of the Kaplan/Chinchilla disagreement to them): N is
+`total` (with the embeddings, Cerebras-GPT's and Chinchilla's count) or `non_embedding` (Kaplan's; needs a
+`non_embedding_params` column), C is `detailed` (the file's FLOPs column: attention and logits included, as
+chinchax.model.flops counts) or `6nd` (6·N·D with the chosen N). The default is Cerebras-GPT's: total N and the
+detailed C (6ND where the file has no FLOPs column); every report names the convention it used.
 """
 
 from __future__ import annotations
@@ -17,7 +25,16 @@ import numpy as np
 from chinchax.scaling import fit
 
 FLOPS_COLUMNS = ("flops", "train_flops")
-MIN_POINTS = {"compute": 4, "chinchilla": 6}  # more points than constants, so the fit is overdetermined
+LAWS = ("compute", "chinchilla", "envelope", "isoflop")
+MIN_POINTS = {
+    "compute": 4,
+    "chinchilla": 6,
+    "envelope": 6,
+    "isoflop": 6,
+}  # parametric: more points than constants
+PARAM_COUNTS = ("total", "non_embedding")
+FLOP_COUNTS = ("detailed", "6nd")
+CEREBRAS_COUNTING = {"params": "total", "flops": "detailed"}
 
 
 class FitDataError(ValueError):
@@ -34,10 +51,21 @@ class ScalingPoints:
     params: np.ndarray | None
     tokens: np.ndarray | None
     run: np.ndarray | None
+    budget: np.ndarray | None
+    counting: dict[
+        str, str | None
+    ]  # {"params": total | non_embedding (None: no sizes), "flops": detailed | 6nd}
 
 
-def load_points(path: str | pathlib.Path) -> ScalingPoints:
-    """Read and validate a CSV or JSONL results file (all numbers finite and > 0)."""
+def load_points(
+    path: str | pathlib.Path, params: str | None = None, flops: str | None = None
+) -> ScalingPoints:
+    """Read and validate a CSV or JSONL results file (all numbers finite and > 0) under a counting convention:
+    `params` in PARAM_COUNTS, `flops` in FLOP_COUNTS (None: the Cerebras-GPT convention where the file allows)."""
+    if params not in (None, *PARAM_COUNTS) or flops not in (None, *FLOP_COUNTS):
+        raise FitDataError(
+            f"counting must be params in {PARAM_COUNTS} and flops in {FLOP_COUNTS}, got {params!r}, {flops!r}"
+        )
     path = pathlib.Path(path)
     if not path.is_file():
         raise FitDataError(f"{path}: no such file")
@@ -53,19 +81,32 @@ def load_points(path: str | pathlib.Path) -> ScalingPoints:
             f"{path}: needs columns 'loss' and 'flops' (or 'train_flops'), or 'params', 'tokens' and 'loss'; "
             f"every row has only: {', '.join(sorted(columns)) or 'nothing'} (seen: {found})"
         )
-    wanted = ["loss"] + ([flops_column] if flops_column else []) + (["params", "tokens"] if has_sizes else [])
+    params_column = "params" if params in (None, "total") else "non_embedding_params"
+    flops = flops or ("detailed" if flops_column else "6nd")
+    if has_sizes and params_column not in columns:
+        raise FitDataError(f"{path}: --params={params} needs a '{params_column}' column in every row")
+    if flops == "detailed" and not flops_column:
+        raise FitDataError(
+            f"{path}: --flops=detailed needs a 'flops' or 'train_flops' column; use --flops=6nd"
+        )
+    if flops == "6nd" and not has_sizes:
+        raise FitDataError(f"{path}: --flops=6nd needs columns 'params' and 'tokens'")
+    wanted = (
+        ["loss"] + ([flops_column] if flops_column else []) + ([params_column, "tokens"] if has_sizes else [])
+    )
     values = {
         name: np.array([_positive(path, line, name, row[name]) for line, row in rows]) for name in wanted
     }
-    params, tokens = (values["params"], values["tokens"]) if has_sizes else (None, None)
-    run = np.array([str(row["run"]) for _, row in rows]) if "run" in columns else None
+    n, tokens = (values[params_column], values["tokens"]) if has_sizes else (None, None)
     return ScalingPoints(
         source=str(path),
-        flops=values[flops_column] if flops_column else 6.0 * params * tokens,
+        flops=values[flops_column] if flops == "detailed" else 6.0 * n * tokens,
         loss=values["loss"],
-        params=params,
+        params=n,
         tokens=tokens,
-        run=run,
+        run=np.array([str(row["run"]) for _, row in rows]) if "run" in columns else None,
+        budget=np.array([str(row["budget"]) for _, row in rows]) if "budget" in columns else None,
+        counting={"params": (params or "total") if has_sizes else None, "flops": flops},
     )
 
 
@@ -99,9 +140,25 @@ def _positive(path, line, name, raw) -> float:
 
 
 def require_points(points: ScalingPoints, law: str, drop_highest: int) -> None:
-    """Fail before fitting when too few points remain for `law` after dropping the highest-loss ones."""
-    if law == "chinchilla" and points.params is None:
-        raise FitDataError(f"{points.source}: the chinchilla law needs columns 'params' and 'tokens'")
+    """Fail before fitting when the file cannot give `law`: missing columns, or too few points, runs or budgets
+    after dropping the highest-loss points."""
+    if law != "compute" and points.params is None:
+        raise FitDataError(f"{points.source}: the {law} law needs columns 'params' and 'tokens'")
+    if law == "envelope":
+        run = points.run if points.run is not None else points.params.astype(str)
+        curves = sum((run == r).sum() >= 2 for r in np.unique(run))
+        if curves < 3:
+            raise FitDataError(
+                f"{points.source}: the envelope (approach 1) needs training curves: a 'run' column with at least "
+                f"3 runs of 2 or more points each, found {curves}"
+            )
+    if law == "isoflop":
+        budgets = points.budget if points.budget is not None else fit.isoflop_budgets(points.flops)
+        usable = sum(len(np.unique(points.params[budgets == b])) >= 3 for b in np.unique(budgets))
+        if usable < 2:
+            raise FitDataError(
+                f"{points.source}: approach 2 needs at least 2 isoFLOP budgets of 3 or more sizes, found {usable}"
+            )
     if drop_highest < 0:
         raise FitDataError(f"--drop_highest must be >= 0, got {drop_highest}")
     remaining = len(points.loss) - drop_highest
@@ -131,55 +188,101 @@ def allocation_summary(allocation: fit.AllocationFit | fit.ChinchillaLaw | None)
         "k_D": tokens.coefficient,
         "b": tokens.exponent,
     }
-    if ci:
-        summary["ci"] = {name: list(interval) for name, interval in ci.items()}
+    exponent_ci = {name: list(ci[name]) for name in ("a", "b") if name in ci}
+    if exponent_ci:
+        summary["ci"] = exponent_ci
     return summary
+
+
+def power_law_summary(power_law: fit.PurePowerLaw, law_name: str) -> dict:
+    """The pure power law as {form, k, exponents by covariate, r2, rmse_log_loss}."""
+    names = ("a",) if law_name == "compute" else ("a", "b")
+    form = "L = k·C^(-a)" if law_name == "compute" else "L = k·N^(-a)·D^(-b)"
+    return {
+        "form": form,
+        "k": power_law.k,
+        **dict(zip(names, power_law.exponents, strict=True)),
+        "r2": power_law.goodness.r2,
+        "rmse_log_loss": power_law.goodness.rmse_log_loss,
+    }
 
 
 def report(
     points: ScalingPoints,
     law_name: str,
-    law_fit: fit.LawFit,
+    law_fit: fit.LawFit | None,
     approach1: fit.AllocationFit | None,
     approach2: fit.AllocationFit | None,
     plots: dict[str, str],
     seed: int,
     resamples: int,
 ) -> dict:
-    """The JSON summary: constants named as in the formula, their CIs under `ci`, goodness of fit, plot paths."""
-    summary = {"law": law_name, **constants(law_fit.law)}
-    summary["ci"] = {name: list(interval) for name, interval in law_fit.ci.items()}
-    summary["ci_level"] = fit.CI_LEVEL
-    summary.update(r2=law_fit.goodness.r2, rmse_log_loss=law_fit.goodness.rmse_log_loss)
-    summary.update(
-        points=int(law_fit.kept.sum()),
-        dropped=int((~law_fit.kept).sum()),
-        bootstrap=resamples,
-        seed=seed,
-        huber_objective=law_fit.objective,
-    )
+    """The JSON summary: the law's constants named as in its formula with their CIs under `ci`, its objective,
+    goodness of fit and identifiability (parametric laws), the allocations, the counting convention, plot paths."""
+    summary: dict = {"law": law_name, "counting": points.counting}
+    if law_fit is not None:
+        summary.update(constants(law_fit.law))
+        summary["ci"] = {name: list(interval) for name, interval in law_fit.ci.items()}
+        summary["ci_level"] = fit.CI_LEVEL
+        summary.update(r2=law_fit.goodness.r2, rmse_log_loss=law_fit.goodness.rmse_log_loss)
+        summary.update(points=int(law_fit.kept.sum()), dropped=int((~law_fit.kept).sum()))
+        summary["objective"] = {**law_fit.objective.describe(), "value": law_fit.objective_value}
+        summary["identifiability"] = law_fit.identifiability
+        summary["power_law"] = power_law_summary(law_fit.power_law, law_name)
+    else:
+        summary.update(points=len(points.loss), dropped=0, ci_level=fit.CI_LEVEL)
+        summary["objective"] = {
+            "name": "lsq",
+            "space": "loss per budget (parabola), then log-log (power law)",
+        }
+    summary.update(bootstrap=resamples, seed=seed)
     if law_name == "chinchilla":
         summary["allocation"] = {
             "approach3": allocation_summary(law_fit.law),
             "approach1": allocation_summary(approach1),
             "approach2": allocation_summary(approach2),
         }
+    elif law_name == "envelope":
+        summary["allocation"] = {"approach1": allocation_summary(approach1)}
+    elif law_name == "isoflop":
+        summary["allocation"] = {"approach2": allocation_summary(approach2)}
+    if approach2 is not None:
+        summary["optimum_per_budget"] = [
+            {
+                "flops": float(c),
+                "params": float(n),
+                "tokens": float(d),
+                "tokens_per_param": float(d / n),
+                "tokens_per_param_ci": list(approach2.ci.get(fit.tokens_per_param_key(c), ())) or None,
+            }
+            for c, n, d in zip(
+                approach2.flops, approach2.optimal_params, approach2.optimal_tokens, strict=True
+            )
+        ]
     summary["source"] = points.source
     summary["plots"] = plots
     return summary
 
 
+FORMULAS = {
+    "compute": "L(C) = (C / C_c)^(-alpha) + E",
+    "chinchilla": "L(N, D) = E + A / N^alpha + B / D^beta  (approach 3)",
+    "envelope": "approach 1: the least loss per C over training curves → N_opt(C), D_opt(C)",
+    "isoflop": "approach 2: a parabola of loss vs log N per isoFLOP budget → N_opt(C), D_opt(C)",
+}
+
+
 def format_text(summary: dict) -> str:
-    """Human-readable lines: constants with CIs, goodness of fit, the allocation exponents."""
-    formula = {
-        "compute": "L(C) = (C / C_c)^(-alpha) + E",
-        "chinchilla": "L(N, D) = E + A / N^alpha + B / D^beta  (approach 3)",
-    }[summary["law"]]
+    """Human-readable lines: constants with CIs, objective, goodness of fit, identifiability, allocations."""
+    counting = summary["counting"]
     lines = [
-        f"{formula}: {summary['points']} points from {summary['source']} "
-        f"({summary['dropped']} highest-loss dropped, {summary['bootstrap']} bootstrap resamples)"
+        f"{FORMULAS[summary['law']]}: {summary['points']} points from {summary['source']} "
+        f"({summary['dropped']} highest-loss dropped, {summary['bootstrap']} bootstrap resamples; "
+        f"N {counting['params'] or 'not given'}, C {counting['flops']})"
     ]
-    names = ("C_c", "alpha", "E") if summary["law"] == "compute" else ("A", "B", "E", "alpha", "beta")
+    names = {"compute": ("C_c", "alpha", "E"), "chinchilla": ("A", "B", "E", "alpha", "beta")}.get(
+        summary["law"], ()
+    )
     for name in names:
         interval = summary["ci"].get(name)
         ci = (
@@ -188,7 +291,21 @@ def format_text(summary: dict) -> str:
             else ""
         )
         lines.append(f"  {name:<6}= {summary[name]:.5g}{ci}")
-    lines.append(f"  R² (log-loss) = {summary['r2']:.5f}   RMSE of log-loss = {summary['rmse_log_loss']:.5f}")
+    if names:
+        objective = summary["objective"]
+        delta = f" δ={objective['delta']:g}" if objective.get("delta") else ""
+        lines.append(f"  objective: {objective['name']}{delta} on {objective['space']}")
+        lines.append(
+            f"  R² (log-loss) = {summary['r2']:.5f}   RMSE of log-loss = {summary['rmse_log_loss']:.5f}"
+        )
+        for warning in summary["identifiability"]:
+            lines.append(f"  ! {warning}")
+        if summary["identifiability"]:
+            power = summary["power_law"]
+            exponents = ", ".join(f"{k} = {power[k]:.4f}" for k in ("a", "b") if k in power)
+            lines.append(
+                f"  pure power law {power['form']}: k = {power['k']:.4g}, {exponents}, R² {power['r2']:.5f}"
+            )
     for approach, allocation in summary.get("allocation", {}).items():
         if allocation is None:
             lines.append(f"  {approach}: not applicable to these points")
@@ -200,6 +317,13 @@ def format_text(summary: dict) -> str:
         lines.append(
             f"  {approach}: N_opt = {allocation['k_N']:.4g}·C^{allocation['a']:.4f}, "
             f"D_opt = {allocation['k_D']:.4g}·C^{allocation['b']:.4f}{ci_text}"
+        )
+    for budget in summary.get("optimum_per_budget", []):
+        ci = budget["tokens_per_param_ci"]
+        ci_text = f" (CI {ci[0]:.1f}–{ci[1]:.1f})" if ci else ""
+        lines.append(
+            f"  C = {budget['flops']:.3g}: N_opt = {budget['params']:.4g}, D_opt = {budget['tokens']:.4g}, "
+            f"{budget['tokens_per_param']:.1f} tokens/param{ci_text}"
         )
     for name, path in summary["plots"].items():
         lines.append(f"  plot {name}: {path}")

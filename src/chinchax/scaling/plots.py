@@ -78,9 +78,13 @@ def residuals(points: ScalingPoints, law_fit: fit.LawFit, path: pathlib.Path) ->
 
 
 def isoflops(
-    points: ScalingPoints, law: fit.ChinchillaLaw, approach2: fit.AllocationFit | None, path: pathlib.Path
+    points: ScalingPoints,
+    law: fit.ChinchillaLaw | None,
+    approach2: fit.AllocationFit | None,
+    path: pathlib.Path,
 ) -> str:
-    """Loss vs N coloured by C, approach 3's isoFLOP curves L(N, C/6N) with their minima, approach 2's parabolas."""
+    """Loss vs N coloured by C, approach 3's isoFLOP curves L(N, C/6N) with their minima (when fitted), approach
+    2's parabolas with their vertices."""
     figure, axes = plt.subplots(figsize=(7, 5))
     log_flops = np.log10(points.flops)
     colours = plt.get_cmap("viridis")
@@ -97,39 +101,41 @@ def isoflops(
     else:
         budgets = 10.0 ** np.arange(np.ceil(log_flops.min()), np.floor(log_flops.max()) + 1)
     sizes = np.logspace(np.log10(points.params.min()) - 0.3, np.log10(points.params.max()) + 0.3, 200)
-    for budget in budgets:
+    for budget in budgets if law is not None else ():
         colour = colours(norm(np.log10(budget)))
         axes.plot(sizes, law.loss(sizes, budget / (6.0 * sizes)), color=colour, linewidth=1)
         n_opt = law.optimal_params()(budget)
         axes.plot(n_opt, law.loss(n_opt, budget / (6.0 * n_opt)), "o", color=colour, markeredgecolor="black")
     for budget, coefficients, (smallest, largest) in parabolas:
+        colour = colours(norm(np.log10(budget)))
         log_n = np.linspace(np.log(smallest), np.log(largest), 100)
+        axes.plot(np.exp(log_n), np.polyval(coefficients, log_n), ":", color=colour, linewidth=2)
+        vertex = -coefficients[1] / (2.0 * coefficients[0])
         axes.plot(
-            np.exp(log_n),
-            np.polyval(coefficients, log_n),
-            ":",
-            color=colours(norm(np.log10(budget))),
-            linewidth=2,
+            np.exp(vertex), np.polyval(coefficients, vertex), "D", color=colour, markeredgecolor="black"
         )
     low, high = np.percentile(points.loss, [0, 98])
     axes.set(xscale="log", xlabel="parameters N", ylabel="loss (nats/token)", ylim=(0.95 * low, 1.05 * high))
-    title = "IsoFLOP curves: approach 3 (solid, ● minimum)" + (", approach 2 (dotted)" if parabolas else "")
-    axes.set_title(title, fontsize=10)
+    parts = (["approach 3 (solid, ● minimum)"] if law is not None else []) + (
+        ["approach 2 (dotted, ◆ vertex)"] if parabolas else []
+    )
+    axes.set_title("IsoFLOP curves: " + ", ".join(parts), fontsize=10)
     return save(figure, path)
 
 
 def allocation(
-    law: fit.ChinchillaLaw,
+    law: fit.ChinchillaLaw | None,
     approach1: fit.AllocationFit | None,
     approach2: fit.AllocationFit | None,
     flops: np.ndarray,
     path: pathlib.Path,
 ) -> str:
-    """N_opt(C) implied by approach 3, with approach 1 and 2 estimates and their power-law fits."""
+    """N_opt(C) implied by approach 3 (when fitted), with approach 1 and 2 estimates and their power-law fits."""
     figure, axes = plt.subplots(figsize=(7, 5))
     grid = np.logspace(np.log10(flops.min()) - 0.2, np.log10(flops.max()) + 0.2, 100)
-    n_opt = law.optimal_params()
-    axes.plot(grid, n_opt(grid), color="tab:red", label=f"approach 3: N_opt ∝ C^{n_opt.exponent:.3f}")
+    if law is not None:
+        n_opt = law.optimal_params()
+        axes.plot(grid, n_opt(grid), color="tab:red", label=f"approach 3: N_opt ∝ C^{n_opt.exponent:.3f}")
     for name, estimate, colour in (
         ("approach 1", approach1, "tab:green"),
         ("approach 2", approach2, "tab:blue"),
@@ -139,7 +145,29 @@ def allocation(
             label = f"{name}: N_opt ∝ C^{estimate.params.exponent:.3f}"
             axes.plot(grid, estimate.params(grid), "--", color=colour, label=label)
     axes.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="compute-optimal parameters N_opt")
-    axes.set_title("Compute-optimal allocation (C = 6ND)")
+    axes.set_title("Compute-optimal allocation")
+    axes.legend(fontsize=8)
+    return save(figure, path)
+
+
+def envelope(points: ScalingPoints, run: np.ndarray, approach1: fit.AllocationFit, path: pathlib.Path) -> str:
+    """Approach 1: every run's loss-vs-C curve coloured by its N, and the lower envelope the winners trace."""
+    figure, axes = plt.subplots(figsize=(7, 5))
+    log_params = np.log10(points.params)
+    colours = plt.get_cmap("viridis")
+    norm = matplotlib.colors.Normalize(log_params.min(), log_params.max())
+    for name in np.unique(run):
+        member = run == name
+        order = np.argsort(points.flops[member])
+        colour = colours(norm(log_params[member][0]))
+        axes.plot(points.flops[member][order], points.loss[member][order], color=colour, linewidth=1)
+    axes.plot(
+        approach1.flops, approach1.optimal_loss, color="black", linewidth=2.5, alpha=0.6, label="envelope"
+    )
+    mappable = matplotlib.cm.ScalarMappable(norm=norm, cmap=colours)
+    figure.colorbar(mappable, ax=axes, label="log10 N")
+    axes.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="loss (nats/token)")
+    axes.set_title(f"Approach 1: {len(np.unique(run))} training curves and their envelope")
     axes.legend(fontsize=8)
     return save(figure, path)
 

@@ -21,41 +21,65 @@ def fit_and_report(
     drop_highest: int = 0,
     resamples: int = BOOTSTRAP,
     seed: int = SEED,
+    objective: fit.Objective | None = None,
 ) -> dict:
-    """Fit `law` ('compute' or 'chinchilla': approach 3, with approaches 1 and 2 beside it) to the points, draw
-    its figures into `out`, and return the report (fit_io.report, plus 'text' for the terminal)."""
+    """Fit `law` (one of fit_io.LAWS; approach 3 with approaches 1 and 2 beside it for 'chinchilla') to the
+    points under `objective` (default: the law's source's), draw its figures into `out`, and return the report
+    (fit_io.report, plus 'text' for the terminal)."""
     fit_io.require_points(points, law, drop_highest)
-    approach1 = approach2 = None
-    if law == "compute":
-        law_fit = fit.fit_compute_law(
-            points.flops, points.loss, drop_highest=drop_highest, resamples=resamples, seed=seed
-        )
-        paths = {"compute_law_ci": plots.compute_law_band(points, law_fit, out / "compute_law_ci.png")}
-    else:
-        law_fit = fit.fit_chinchilla(
-            points.params,
-            points.tokens,
-            points.loss,
-            drop_highest=drop_highest,
+    objective = objective or fit.DEFAULT_OBJECTIVES.get(law)
+    options = dict(drop_highest=drop_highest, resamples=resamples, seed=seed)
+    law_fit = approach1 = approach2 = None
+    kept = fit.keep_mask(points.loss, drop_highest)
+    run = points.run if points.run is not None else points.params
+    if law in ("chinchilla", "envelope"):
+        approach1 = fit.approach1_envelope(
+            run[kept],
+            points.params[kept],
+            points.flops[kept],
+            points.loss[kept],
+            points.tokens[kept],
             resamples=resamples,
             seed=seed,
         )
-        kept = law_fit.kept
-        run = points.run if points.run is not None else points.params
-        approach1 = fit.approach1_envelope(
-            run[kept], points.params[kept], points.flops[kept], points.loss[kept]
-        )
+    if law in ("chinchilla", "isoflop"):
+        budget = points.budget[kept] if points.budget is not None else None
         approach2 = fit.approach2_isoflop(
-            points.params[kept], points.flops[kept], points.loss[kept], resamples=resamples, seed=seed
+            points.params[kept],
+            points.flops[kept],
+            points.loss[kept],
+            points.tokens[kept],
+            budget,
+            resamples=resamples,
+            seed=seed,
         )
+    if law == "compute":
+        law_fit = fit.fit_compute_law(points.flops, points.loss, objective=objective, **options)
+        paths = {"compute_law_ci": plots.compute_law_band(points, law_fit, out / "compute_law_ci.png")}
+    elif law == "chinchilla":
+        law_fit = fit.fit_chinchilla(
+            points.params, points.tokens, points.loss, objective=objective, **options
+        )
+    elif law == "envelope" and approach1 is None:
+        raise fit_io.FitDataError(f"{points.source}: the envelope has fewer than 3 distinct winning runs")
+    elif law == "isoflop" and approach2 is None:
+        raise fit_io.FitDataError(
+            f"{points.source}: fewer than 2 budgets have a parabola with its minimum inside the sizes tried"
+        )
+    if law != "compute":
+        approach3 = law_fit.law if law_fit is not None else None
         paths = {
-            "isoflops": plots.isoflops(points, law_fit.law, approach2, out / "isoflops.png"),
             "allocation": plots.allocation(
-                law_fit.law, approach1, approach2, points.flops, out / "allocation.png"
-            ),
+                approach3, approach1, approach2, points.flops, out / "allocation.png"
+            )
         }
-    paths["loss_vs_flops"] = plots.loss_vs_flops(points, law_fit, out / "loss_vs_flops.png")
-    paths["residuals"] = plots.residuals(points, law_fit, out / "residuals.png")
+        if law != "envelope":
+            paths["isoflops"] = plots.isoflops(points, approach3, approach2, out / "isoflops.png")
+        if approach1 is not None:
+            paths["envelope"] = plots.envelope(points, run, approach1, out / "envelope.png")
+    if law_fit is not None:
+        paths["loss_vs_flops"] = plots.loss_vs_flops(points, law_fit, out / "loss_vs_flops.png")
+        paths["residuals"] = plots.residuals(points, law_fit, out / "residuals.png")
     summary = fit_io.report(points, law, law_fit, approach1, approach2, paths, seed, resamples)
     return {**summary, "text": fit_io.format_text(summary)}
 
