@@ -31,6 +31,7 @@ install-test: $(TEST_STAMP)
 
 demo: install
 	$(PY) -m experiments.sweep --sweep=cpu_ladder
+	$(PY) -m experiments.report --root=runs/sweeps/cpu_ladder
 
 test: install-test
 	$(PY) -m pytest -q -n 2 --durations=15

@@ -98,14 +98,48 @@ def test_fitted_allocation_is_followed():
 def test_isoflop_grid_shares_the_budget():
     base = configs.get("chinchilla_111m")
     budget = 4e19
-    grid = plan.isoflop_grid(base, "chinchilla_111m", budget, sizes=5, spread=4.0)
+    grid = plan.isoflop_grid(base, "chinchilla_111m", budget, sizes=5, tokens_per_param=(5.0, 80.0))
     rows = [plan.describe(base, p) for p in grid]
     params = [r["params"] for r in rows]
     assert len(set(params)) == 5 and params == sorted(params)
     assert all(r["train_flops"] == pytest.approx(budget, rel=0.01) for r in rows)
-    assert params[-1] / params[0] == pytest.approx(16.0, rel=0.25)  # N_opt/4 … 4·N_opt
-    optimum = plan.describe(base, plan.compute_optimal(base, "chinchilla_111m", budget))["params"]
-    assert optimum in params
+    # D / N = budget / (flops_per_token · N) against each target 80, 40, 20, 10, 5 (shapes are discrete)
+    for row, target in zip(rows, (80.0, 40.0, 20.0, 10.0, 5.0), strict=True):
+        ratio = budget / (row["flops_per_token"] * row["params"])
+        assert row["tokens_per_param_target"] == pytest.approx(target)
+        assert ratio == pytest.approx(row["tokens_per_param"], rel=0.01) and 1 / 1.3 < ratio / target < 1.3, (
+            row
+        )
+
+
+def test_isoflop_cpu_is_centred_on_the_planned_optimum():
+    from experiments.configs import sweeps
+
+    rows = [plan.describe(configs.get(p.base), p) for p in sweeps.isoflop_cpu().points]
+    budgets = sorted({r["budget"] for r in rows})
+    assert len(budgets) >= 3 and len(rows) == 5 * len(budgets)
+    for budget in budgets:
+        tpp = sorted(r["tokens_per_param"] for r in rows if r["budget"] == budget)
+        assert tpp[0] < 6.5 and tpp[-1] > 60 and tpp[-1] < 120, (budget, tpp)
+        assert 15 < math.exp(np.mean(np.log(tpp))) < 27, (budget, tpp)  # log-centred near 20
+
+
+def test_counting_conventions_change_the_plan():
+    """20 tokens per non-embedding parameter with C = 6·N·D (Kaplan's count) against the Cerebras count."""
+    base = configs.get("cpu_tiny")
+    budget = 1e12
+    cerebras = plan.describe(base, plan.compute_optimal(base, "cpu_tiny", budget, d_head=16, tolerance=3.0))
+    kaplan_point = plan.compute_optimal(
+        base, "cpu_tiny", budget, d_head=16, tolerance=3.0, count="6n", params_count="non_embedding"
+    )
+    kaplan = plan.describe(base, kaplan_point)
+    assert cerebras["counting"] == "total/detailed" and kaplan["counting"] == "non_embedding/6n"
+    n = kaplan["non_embedding_params"]
+    assert 6.0 * n * kaplan["tokens"] == pytest.approx(budget, rel=0.02)
+    assert kaplan["tokens"] / n == pytest.approx(20.0, rel=0.35)  # the nearest shape on a coarse grid
+    assert (
+        kaplan["params"] > cerebras["params"]
+    )  # without the embeddings in N, the same C buys a larger model
 
 
 def test_cpu_ladder_spans_the_decades_it_promises():

@@ -29,7 +29,10 @@ CPU_HEAD = 16  # d_head at CPU widths (16–128): widths in steps of 16 give bud
 # two, are compute-optimal at 20 tokens/parameter: 7 points over 3.0 decades, ≈ 2.6e13 FLOPs in all. A second
 # layer fits the aspect ratio from d112 on; the next two-layer point (d128, 2.6e13) would add ~4 minutes.
 LADDER_BUDGETS = (2.1e10, 1.3e11, 4.1e11, 1.0e12, 2.0e12, 3.6e12, 1.9e13)
-ISOFLOP_BUDGETS = (1e11, 3e11, 1e12)
+# Four budgets over 1.5 decades, five sizes each at 5–80 tokens per parameter (log-centred on 20); heads of 8 give
+# widths in steps of 8, fine enough for five distinct sizes at 1e11 FLOPs.
+ISOFLOP_BUDGETS = (1e11, 3e11, 1e12, 3e12)
+ISOFLOP_HEAD = 8
 MUTRANSFER_WIDTHS = (32, 64, 128)
 MUTRANSFER_LRS = tuple(10.0**e for e in (-3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5))  # half-decade log grid
 MUTRANSFER_SHORT = (
@@ -73,13 +76,13 @@ def cpu_ladder() -> Sweep:
 
 
 def isoflop_cpu() -> Sweep:
-    """Three budgets × five sizes (N_opt/3 … 3·N_opt at equal FLOPs), then Chinchilla approach 2 (and 3)."""
+    """Four budgets × five sizes (5–80 tokens/param at equal FLOPs), then Chinchilla approach 2 under both counts."""
     base = configs.get(CPU_BASE)
     points = [
         p
         for budget in ISOFLOP_BUDGETS
         for p in plan.isoflop_grid(
-            base, CPU_BASE, budget, sizes=5, spread=3.0, d_head=CPU_HEAD, tolerance=3.0, extra=FINAL_EVAL
+            base, CPU_BASE, budget, sizes=5, d_head=ISOFLOP_HEAD, tolerance=3.0, extra=CPU_RECIPE + FINAL_EVAL
         )
     ]
     return Sweep("isoflop_cpu", isoflop_cpu.__doc__, tuple(points), analysis="isoflop")

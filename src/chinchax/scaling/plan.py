@@ -25,7 +25,12 @@ from chinchax.scaling import fit
 CEREBRAS_ASPECT_RATIO = 77.0
 ASPECT_TOLERANCE = 1.5  # candidate shapes have d_model / n_layers within this factor of the target
 TOKENS_PER_PARAM = 20.0  # Chinchilla / Cerebras-GPT
+# Counting conventions: C as the detailed count (attention and logits included) or 6·N per token; N with the
+# embeddings (`total`, Cerebras-GPT's and Chinchilla's count) or without (`non_embedding`, Kaplan's). The
+# defaults are Cerebras-GPT's: detailed C, total N.
 FLOP_COUNTS = ("detailed", "6n")
+PARAM_COUNTS = ("total", "non_embedding")
+ISOFLOP_TOKENS_PER_PARAM = (5.0, 80.0)  # an isoFLOP grid's span, log-centred on TOKENS_PER_PARAM
 MAX_HEADS = 512
 OVERSHOOT = math.log(4.0)  # the search stops at widths whose every shape overshoots the target this much
 
@@ -114,25 +119,35 @@ def _search(
     return found
 
 
-def _per_token(cfg: ml_collections.ConfigDict, count: str) -> int:
-    return (
-        flops.flops_per_token(cfg.model, cfg.data.seq_len)
-        if count == "detailed"
-        else 6 * flops.param_count(cfg.model)
-    )
+def per_token(model, seq_len: int, count: str = "detailed", params_count: str = "total") -> int:
+    """Training FLOPs per token: the detailed count, or 6·N with N counted as `params_count` says."""
+    if count == "detailed":
+        return flops.flops_per_token(model, seq_len)
+    return 6 * counted_params(model, params_count)
 
 
-def tokens_for_budget(cfg: ml_collections.ConfigDict, budget: float, count: str = "detailed") -> int:
+def counted_params(model, params_count: str = "total") -> int:
+    """N under the convention: all parameters, or without the token and position embeddings."""
+    total = flops.param_count(model)
+    return total if params_count == "total" else total - flops.embedding_params(model)
+
+
+def tokens_for_budget(
+    cfg: ml_collections.ConfigDict, budget: float, count: str = "detailed", params_count: str = "total"
+) -> int:
     """Training tokens that spend `budget` FLOPs, rounded to whole steps of the first batch size (≥ 1 step)."""
     step_tokens = cfg.train.batch_size * cfg.data.seq_len
-    return max(1, round(budget / _per_token(cfg, count) / step_tokens)) * step_tokens
+    flops_per_token = per_token(cfg.model, cfg.data.seq_len, count, params_count)
+    return max(1, round(budget / flops_per_token / step_tokens)) * step_tokens
 
 
-def _check_budget(budget: float, count: str) -> None:
+def _check_budget(budget: float, count: str, params_count: str = "total") -> None:
     if not (math.isfinite(budget) and budget > 0):
         raise PlanError(f"FLOP budget must be finite and > 0, got {budget!r}")
     if count not in FLOP_COUNTS:
         raise PlanError(f"FLOP count {count!r} is not one of {FLOP_COUNTS}")
+    if params_count not in PARAM_COUNTS:
+        raise PlanError(f"parameter count {params_count!r} is not one of {PARAM_COUNTS}")
 
 
 def _with_shape(base: ml_collections.ConfigDict, shape: Shape) -> types.SimpleNamespace:
@@ -151,13 +166,15 @@ def solve_shape(
     aspect_ratio: float = CEREBRAS_ASPECT_RATIO,
     tolerance: float = ASPECT_TOLERANCE,
     count: str = "detailed",
+    params_count: str = "total",
 ) -> Shape:
     """The candidate shape whose compute-optimal budget is closest (in log) to `budget`.
 
     `allocation` is tokens per parameter (the shape's budget is then tpp·N·flops_per_token), or a fitted
-    N_opt(C) power law (the shape with N closest to N_opt(budget)).
+    N_opt(C) power law (the shape with N closest to N_opt(budget)); N and flops_per_token are counted as
+    `params_count` and `count` say.
     """
-    _check_budget(budget, count)
+    _check_budget(budget, count, params_count)
     if isinstance(allocation, fit.PowerLaw):
         target = math.log(float(allocation(budget)))
     elif allocation > 0:
@@ -167,11 +184,10 @@ def solve_shape(
 
     def value(shape: Shape) -> float:
         model = _with_shape(base, shape)
-        params = flops.param_count(model)
+        params = counted_params(model, params_count)
         if isinstance(allocation, fit.PowerLaw):
             return math.log(params)
-        per_token = flops.flops_per_token(model, base.data.seq_len) if count == "detailed" else 6 * params
-        return math.log(allocation * params * per_token)
+        return math.log(allocation * params * per_token(model, base.data.seq_len, count, params_count))
 
     return min(_search(value, target, d_head, aspect_ratio, tolerance), key=lambda found: abs(found[0]))[1]
 
@@ -189,16 +205,17 @@ def _point(
     shape: Shape,
     budget: float,
     count: str,
+    params_count: str,
     extra: tuple[tuple[str, object], ...],
     tags: Mapping[str, object],
 ) -> Point:
     cfg = configure(base, shape.overrides() + extra)
-    tokens = tokens_for_budget(cfg, budget, count)
+    tokens = tokens_for_budget(cfg, budget, count, params_count)
     return Point(
         name=name,
         base=base_name,
         overrides=shape.overrides() + (("train.tokens", tokens),) + extra,
-        tags={"budget": budget, **tags},
+        tags={"budget": budget, "counting": f"{params_count}/{count}", **tags},
     )
 
 
@@ -212,6 +229,7 @@ def compute_optimal(
     aspect_ratio: float = CEREBRAS_ASPECT_RATIO,
     tolerance: float = ASPECT_TOLERANCE,
     count: str = "detailed",
+    params_count: str = "total",
     extra: Iterable[tuple[str, object]] = (),
 ) -> Point:
     """The compute-optimal point for `budget` FLOPs (see solve_shape), trained for budget / flops_per_token tokens.
@@ -227,9 +245,10 @@ def compute_optimal(
         aspect_ratio=aspect_ratio,
         tolerance=tolerance,
         count=count,
+        params_count=params_count,
     )
     name = f"{budget_tag(budget)}_d{shape.d_model}_l{shape.n_layers}"
-    return _point(base, base_name, name, shape, budget, count, extra, {})
+    return _point(base, base_name, name, shape, budget, count, params_count, extra, {})
 
 
 def ladder(
@@ -256,46 +275,49 @@ def isoflop_grid(
     base_name: str,
     budget: float,
     sizes: int = 5,
-    spread: float = 4.0,
-    allocation: float | fit.PowerLaw = TOKENS_PER_PARAM,
+    tokens_per_param: tuple[float, float] = ISOFLOP_TOKENS_PER_PARAM,
     *,
     d_head: int = 64,
     aspect_ratio: float = CEREBRAS_ASPECT_RATIO,
     tolerance: float = ASPECT_TOLERANCE,
     count: str = "detailed",
+    params_count: str = "total",
     extra: Iterable[tuple[str, object]] = (),
 ) -> list[Point]:
-    """`sizes` distinct shapes at one budget, log-spaced in N from N_opt/spread to N_opt·spread around the optimum.
+    """`sizes` distinct shapes at one budget whose tokens per parameter are log-spaced over `tokens_per_param`
+    (low, high): centred (in log) on the planner's optimum when the span is, e.g. 5–80 around 20.
 
-    Each is the candidate with N closest to its target; every point trains for budget / flops_per_token tokens.
+    Each is the free candidate with tokens/param closest (in log) to its target, D = budget / flops_per_token;
+    every point trains for those tokens, so all share the budget.
     """
-    if sizes < 2 or spread <= 1:
-        raise PlanError(f"an isoFLOP grid needs sizes={sizes} >= 2 and spread={spread} > 1")
+    low, high = tokens_per_param
+    if sizes < 2 or not 0 < low < high:
+        raise PlanError(
+            f"an isoFLOP grid needs sizes={sizes} >= 2 and 0 < {low} < {high} tokens per parameter"
+        )
+    _check_budget(budget, count, params_count)
     extra = tuple(extra)
     cfg = configure(base, extra)
-    optimum = solve_shape(
-        cfg, budget, allocation, d_head=d_head, aspect_ratio=aspect_ratio, tolerance=tolerance, count=count
-    )
-    n_opt = flops.param_count(_with_shape(cfg, optimum))
-    targets = [n_opt * spread ** (2 * i / (sizes - 1) - 1) for i in range(sizes)]
-    chosen: list[Shape] = []
-    found = _search(
-        lambda s: math.log(flops.param_count(_with_shape(cfg, s))),
-        math.log(targets[-1]),
-        d_head,
-        aspect_ratio,
-        tolerance,
-    )
-    counts = {s: flops.param_count(_with_shape(cfg, s)) for _, s in found}
-    candidates = list(counts)
+    targets = [high * (low / high) ** (i / (sizes - 1)) for i in range(sizes)]  # small N (many tokens) first
+
+    def log_allocation(shape: Shape) -> float:
+        """log(N · flops per token): budget / this is the shape's tokens per parameter."""
+        model = _with_shape(cfg, shape)
+        return math.log(
+            counted_params(model, params_count) * per_token(model, cfg.data.seq_len, count, params_count)
+        )
+
+    found = _search(log_allocation, math.log(budget / low), d_head, aspect_ratio, tolerance)
+    candidates = {s: value for value, s in ((e + math.log(budget / low), s) for e, s in found)}
     if len(candidates) < sizes:
         raise PlanError(
             f"only {len(candidates)} shapes near {budget:.3g} FLOPs; ask for fewer than {sizes} sizes"
         )
+    chosen: list[tuple[Shape, float]] = []
     for target in targets:
-        free = [s for s in candidates if s not in chosen]
-        chosen.append(min(free, key=lambda s: abs(math.log(counts[s] / target))))
-    chosen.sort(key=counts.get)
+        free = [s for s in candidates if s not in {c for c, _ in chosen}]
+        chosen.append((min(free, key=lambda s: abs(candidates[s] - math.log(budget / target))), target))
+    chosen.sort(key=lambda pair: counted_params(_with_shape(cfg, pair[0]), params_count))
     return [
         _point(
             base,
@@ -304,10 +326,11 @@ def isoflop_grid(
             s,
             budget,
             count,
+            params_count,
             extra,
-            {"params_vs_optimum": counts[s] / n_opt},
+            {"tokens_per_param_target": target},
         )
-        for s in chosen
+        for s, target in chosen
     ]
 
 

@@ -96,13 +96,18 @@ def analyse(sweep: Sweep, root: pathlib.Path, rows: list[dict], resamples: int =
         )
     if sweep.analysis == "mutransfer":
         return mutransfer(sweep, root, rows)
-    points = fit_io.load_points(root / "results.csv")
-    law = "compute" if sweep.analysis == "compute_law" else "chinchilla"
+    law = "compute" if sweep.analysis == "compute_law" else "isoflop"
     try:
-        fit_io.require_points(points, law, 0)
+        points = fit_io.load_points(root / "results.csv")
+        summary = fit_and_report(points, law, root / "fit", resamples=resamples)
+        if law == "isoflop":
+            # The optimum under the other common count too: N without embeddings, C = 6ND (Kaplan et al.).
+            kaplan = fit_io.load_points(root / "results.csv", "non_embedding", "6nd")
+            other = fit_and_report(kaplan, law, root / "fit_non_embedding_6nd", resamples=resamples)
+            summary["text"] += "\n" + other.pop("text")
+            summary["other_counting"] = other
     except fit_io.FitDataError as error:
         raise SweepError(f"not fitting yet: {error}") from None
-    summary = fit_and_report(points, law, root / "fit", resamples=resamples)
     atomic.write_json(root / "fit.json", {k: v for k, v in summary.items() if k != "text"}, indent=1)
     return summary
 

@@ -1,0 +1,211 @@
+"""The sweep report page, built by `python -m experiments.report` from a sweep root that the real analyses filled
+(results.csv of synthetic points from a known compute law with fresh noise, then report.analyse for the compute
+law and for μTransfer), and parsed back: every point with its loss, every PNG embedded byte for byte, the fitted
+and published constants as printed, a new fit.json field shown; a bad root is one line of error.
+"""
+
+import base64
+import csv
+import html.parser
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from chinchax.scaling import fit, report
+from chinchax.scaling import sweep as sweep_lib
+from tests.conftest import REPO
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+LAW = fit.ComputeLaw(C_c=3e8, alpha=0.12, E=0.9)
+
+
+class _Page(html.parser.HTMLParser):
+    """Tables by id (rows of cell texts; nested tables count as text of their cell) and images as (alt, src)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.images: list[tuple[str, str]] = []
+        self.text: list[str] = []
+        self._stack: list[tuple[str | None, list[list[str]]]] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "table":
+            self._stack.append((attrs.get("id"), []))
+        elif tag == "tr" and self._stack:
+            self._stack[-1][1].append([])
+        elif tag in ("td", "th") and self._stack:
+            self._stack[-1][1][-1].append("")
+        elif tag == "img":
+            self.images.append((attrs["alt"], attrs["src"]))
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            ident, rows = self._stack.pop()
+            if ident:
+                self.tables[ident] = [[cell.strip() for cell in row] for row in rows]
+
+    def handle_data(self, data):
+        self.text.append(data)
+        for _, rows in self._stack:  # the cell of every enclosing table holds the text
+            if rows and rows[-1]:
+                rows[-1][-1] += data
+
+    def rows(self, table: str) -> dict[str, list[str]]:
+        """Rows of `table` keyed by their first cell."""
+        return {row[0]: row for row in self.tables[table][1:]}
+
+
+def _report(root) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.report", f"--root={root}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def sweep_root(tmp_path_factory):
+    """A sweep root as experiments.sweep leaves it: results.csv, fit.json with its plots, mutransfer.json with
+    its plot, sweep.json, and one run's config.json (byte-level data)."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    print(f"seed {seed}")
+    rng = np.random.default_rng(seed)
+    root = tmp_path_factory.mktemp("sweep")
+    flops = np.geomspace(1e10, 1e14, 7) * rng.uniform(0.9, 1.1, 7)
+    params = np.sqrt(flops / 120.0)  # 20 tokens per parameter: C = 6·N·20N
+    loss = LAW.loss(flops) * np.exp(rng.normal(0.0, 0.01, flops.size))
+    rows = [
+        {
+            "point": f"p{i}_c{c:.1e}",
+            "budget": float(f"{c:.2g}"),
+            "params": round(n),
+            "non_embedding_params": round(0.6 * n),
+            "tokens": round(20 * n),
+            "train_flops": c,
+            "wall_seconds": float(rng.uniform(5, 50)),
+            "train_seconds": float(rng.uniform(1, 5)),
+            "flops": c,
+            "loss": float(l),
+        }
+        for i, (c, n, l) in enumerate(zip(flops, params, loss, strict=True))
+    ]
+    with open(root / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    sweep = sweep_lib.Sweep("synthetic_ladder", "points from a known compute law", (), "compute_law")
+    sweep_lib.write_manifest(sweep, root)
+    report.analyse(sweep, root, rows, resamples=20)
+    saved = json.loads((root / "fit.json").read_text())
+    saved["a_field_added_later"] = {"note": "shown without code changes", "count": 3}
+    (root / "fit.json").write_text(json.dumps(saved))
+    lr_rows = [
+        {"parametrization": p, "width": w, "lr": lr, "loss": float(rng.uniform(2, 4))}
+        for p in ("sp", "mup")
+        for w in (32, 64)
+        for lr in (1e-3, 1e-2, 1e-1)
+    ]
+    report.analyse(sweep_lib.Sweep("lr", "μTransfer", (), "mutransfer"), root, lr_rows)
+    (root / "runs" / rows[0]["point"]).mkdir(parents=True)
+    (root / "runs" / rows[0]["point"] / "config.json").write_text(
+        json.dumps({"data": {"tokenizer": "bytes"}})
+    )
+    return root, rows, saved, report.best_learning_rates(lr_rows)
+
+
+@pytest.fixture(scope="module")
+def page(sweep_root):
+    root = sweep_root[0]
+    out = _report(root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == f"report: {(root / 'report.html').resolve()}"
+    parsed = _Page()
+    parsed.feed((root / "report.html").read_text())
+    return parsed
+
+
+def test_every_point_appears_with_its_loss(sweep_root, page):
+    _, rows, _, _ = sweep_root
+    header, *table = page.tables["points"]
+    assert "loss (nats / byte)" in header and "tokens / param" in header
+    by_name = {cells[0]: dict(zip(header, cells, strict=True)) for cells in table}
+    assert set(by_name) == {row["point"] for row in rows}
+    for row in rows:
+        printed = by_name[row["point"]]
+        assert float(printed["loss (nats / byte)"]) == pytest.approx(row["loss"], abs=5e-5)
+        assert float(printed["tokens / param"]) == pytest.approx(row["tokens"] / row["params"], abs=0.05)
+        assert printed["params"] == f"{row['params']:,}"
+    total = sum(row["wall_seconds"] for row in rows)
+    assert f"{total:,.1f} s of trainer wall time" in "".join(page.text)
+
+
+def test_every_png_is_embedded_byte_for_byte(sweep_root, page):
+    root = sweep_root[0]
+    pngs = sorted(root.glob("*.png")) + sorted((root / "fit").glob("*.png"))
+    assert len(pngs) >= 4  # the compute law's band, loss vs FLOPs, residuals; the μTransfer figure
+    embedded = dict(page.images)
+    assert len(embedded) == len(page.images)  # each image once
+    assert sorted(embedded) == sorted(str(path.relative_to(root)) for path in pngs)
+    prefix = "data:image/png;base64,"
+    for path in pngs:
+        src = embedded[str(path.relative_to(root))]
+        assert src.startswith(prefix)
+        data = base64.b64decode(src[len(prefix) :], validate=True)
+        assert data[:8] == PNG_SIGNATURE and data == path.read_bytes()
+
+
+def test_fitted_constants_are_fit_json_as_printed(sweep_root, page):
+    _, _, saved, best = sweep_root
+    constants = page.rows("constants")
+    assert set(constants) == {"C_c", "alpha", "E"}
+    for name, (_, value, low, high) in constants.items():
+        assert float(value) == float(f"{saved[name]:.5g}")
+        assert [float(low), float(high)] == [float(f"{x:.5g}") for x in saved["ci"][name]]
+    ours = page.rows("published_compute")["this sweep"]
+    assert [float(x) for x in ours[2:]] == [float(f"{saved[n]:.5g}") for n in ("C_c", "alpha", "E")]
+    other = page.rows("other")
+    assert "shown without code changes" in other["a_field_added_later"][1]
+    widths = page.rows("best_lr")
+    header = page.tables["best_lr"][0]
+    for parametrization, by_width in best.items():
+        column = header.index(parametrization)
+        for width, lr in by_width.items():
+            assert float(widths[width][column]) == float(f"{lr:.3g}")
+
+
+def test_published_constants_are_beside_ours_with_their_units(page):
+    compute = page.rows("published_compute")
+    cerebras = compute["Cerebras-GPT (Dey et al. 2023, Eq. 1)"]
+    assert "GPT-2 BPE" in cerebras[1] and "byte" in compute["this sweep"][1]
+    law = fit.CEREBRAS_GPT_COMPUTE_LAW
+    assert [float(x) for x in cerebras[2:]] == [law.C_c, law.alpha, law.E]
+    chinchilla = page.rows("published_chinchilla")
+    for source, law in (
+        ("Chinchilla (Hoffmann et al. 2022), approach 3", fit.HOFFMANN_2022_LAW),
+        ("Besiroglu et al. 2024, refit of approach 3", fit.BESIROGLU_2024_LAW),
+    ):
+        cells = chinchilla[source]
+        assert "SentencePiece" in cells[1]
+        assert [float(x) for x in cells[2:7]] == [law.A, law.B, law.E, law.alpha, law.beta]
+    approaches = [chinchilla[f"Chinchilla (Hoffmann et al. 2022), approach {i}"][7:] for i in (1, 2)]
+    assert approaches == [["0.50", "0.50"], ["0.49", "0.51"]]
+
+
+def test_a_bad_root_is_one_line_of_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    for root, expected in (
+        (tmp_path / "missing", "no such sweep folder"),
+        (tmp_path / "empty", "results.csv"),
+    ):
+        out = _report(root)
+        assert out.returncode == 1, out.stderr[-2000:]
+        assert out.stderr.strip().splitlines() == [f"error: {out.stderr.strip()[7:]}"]
+        assert expected in out.stderr and "Traceback" not in out.stderr
+        assert not (root / "report.html").exists()
