@@ -289,6 +289,17 @@ def assert_trained_smoke_results(root: pathlib.Path) -> None:
         assert np.isfinite(summary["final_eval_loss"]), summary
         assert summary["final_eval_loss"] < math.log(257) - UNTRAINED_MARGIN, summary
         assert summary["validation_unigram_entropy"] == pytest.approx(validation_unigram_entropy(), rel=1e-12)
+    # curves.csv: every logged training loss of every point, at its FLOPs so far (approach 1's input)
+    with open(root / "curves.csv") as f:
+        curves = list(csv.DictReader(f))
+    for row in table:
+        logged = [json.loads(line) for line in (root / "runs" / row["point"] / "metrics.jsonl").open()]
+        mine = [c for c in curves if c["run"] == row["point"]]
+        assert len(mine) == len(logged) > 0
+        for curve, record in zip(mine, logged, strict=True):
+            assert float(curve["loss"]) == record["loss"] and float(curve["tokens"]) == record["tokens"]
+            assert float(curve["flops"]) == record["tokens"] * float(row["flops_per_token"])
+            assert curve["params"] == row["params"]
 
 
 UNTRAINED_MARGIN = 0.2  # nats below log 257 (the 8-step smoke points reach 0.35 and 0.7 below)

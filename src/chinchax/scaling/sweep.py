@@ -6,9 +6,9 @@ checkpoint by rerunning the same command) with its output in `logs/<point>.log`;
 summary.json is done and skipped. chinchax.scaling.launch trains the pending points (local subprocesses, Ray
 tasks on a local or existing cluster, a SLURM array job, printed commands). `results.csv` / `results.jsonl`
 gather every done point's tags and summary, with where its trainer's wall time went (`timing_table`: training,
-and the overhead around it); chinchax.scaling.report analyses them (compute-law fit, isoFLOP fit, μTransfer
-figure) into JSON and plots in the root. Importing this module (and the sweep specs) draws
-nothing: no matplotlib.
+and the overhead around it), and `curves.csv` every point's training-loss curve; chinchax.scaling.report
+analyses them (compute-law fit, isoFLOP fit, μTransfer figure) into JSON and plots in the root. Importing this
+module (and the sweep specs) draws nothing: no matplotlib.
 """
 
 from __future__ import annotations
@@ -113,13 +113,41 @@ def gather(sweep: Sweep, root: pathlib.Path) -> list[dict]:
         row.update(flops=summary["train_flops"], loss=summary["final_eval_loss"])
         rows.append(row)
     atomic.write_text(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    _write_csv(root / "results.csv", rows)
+    _write_csv(root / "curves.csv", [c for row in rows for c in training_curve(root, row)])
+    return rows
+
+
+def training_curve(root: pathlib.Path, row: dict) -> list[dict]:
+    """A done point's logged training loss against its FLOPs so far (tokens · flops_per_token): rows for
+    approach 1 (`experiments.fit --results=ROOT/curves.csv --law=envelope`). Mid-run losses of a decaying
+    schedule lie above what a run that short would reach, so the envelope overestimates the optimal size."""
+    path = root / "runs" / str(row["point"]) / "metrics.jsonl"
+    records = (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    )
+    sizes = {k: row[k] for k in ("params", "non_embedding_params")}
+    return [
+        {
+            "run": row["point"],
+            **sizes,
+            "tokens": r["tokens"],
+            "flops": r["tokens"] * row["flops_per_token"],
+            "loss": r["loss"],
+        }
+        for r in records
+        if "loss" in r and r["tokens"] > 0
+    ]
+
+
+def _write_csv(path: pathlib.Path, rows: list[dict]) -> None:
+    """rows as CSV (the union of their keys as columns, in first-seen order), written atomically."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic.write_text(root / "results.csv", text.getvalue())
-    return rows
+    atomic.write_text(path, text.getvalue())
 
 
 def timing_table(rows: list[dict]) -> str:
