@@ -52,6 +52,7 @@ LAW_FIELDS = {
     "allocation",
     "plots",
     "source",
+    "other_counting",
 }
 OBJECTIVE_FIELDS = {"name", "delta", "space", "value"}
 OBJECTIVE_NAMES = {"lsq": "least squares", "huber": "Huber"}
@@ -118,6 +119,8 @@ def page(root: pathlib.Path) -> str:
     body = [_header(root, name, manifest), _timing(rows)]
     if fitted is not None:
         body.append(_law_section(fitted, figures, unit))
+        if isinstance(fitted.get("other_counting"), dict):
+            body.append(_law_section(fitted["other_counting"], figures, unit))
     if mutransfer is not None:
         body.append(_mutransfer(mutransfer, figures))
     body += [_published(fitted, unit), _points(rows, unit), figures.rest()]
@@ -278,7 +281,9 @@ def _law_section(summary: dict, figures: _Figures, unit: str | None) -> str:
     law beside it, figures, and every other field as key/value rows."""
     law = summary.get("law")
     names = CONSTANTS.get(law) or tuple(summary.get("ci", {}))
-    lines = [f"<h2>Fitted law: {_e(law or 'unnamed')}</h2>"]
+    counting = summary.get("counting") if isinstance(summary.get("counting"), dict) else {}
+    counted = ", ".join(f"{k} {v}" for k, v in counting.items() if v)
+    lines = [f"<h2>Fitted law: {_e(law or 'unnamed')}{_e(f' ({counted})' if counted else '')}</h2>"]
     if law in FORMULAS:
         lines.append(f"<p><b>{_e(FORMULAS[law])}</b></p>")
     if "points" in summary:
