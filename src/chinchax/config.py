@@ -62,6 +62,12 @@ SCHEMA: dict[str, tuple[object, str]] = {
     "train.checkpoint_every": (500, "Steps between checkpoints; one is always written at the end."),
     "train.keep_checkpoints": (3, "Newest checkpoints kept in workdir/checkpoints."),
     "train.peak_flops_per_device": (0.0, "Peak FLOP/s per device for MFU; 0: the device table, or measured on CPU."),
+    # Sparse pre-training (chinchax.training.sparsity): gradual global magnitude pruning of the Dense kernels.
+    "sparsity.target": (0.0, "Final fraction of the Dense-kernel weights set to zero; 0 trains dense (no pruning)."),
+    "sparsity.schedule": ("geometric", "Kept fraction per pruning event: 'geometric', 'cubic' (Zhu & Gupta) or 'one_shot'."),
+    "sparsity.start_fraction": (0.25, "Fraction of the run's compute (Σ density over steps) spent before the first event."),
+    "sparsity.end_fraction": (0.75, "Fraction of the run's compute spent before the last event (unused by one_shot)."),
+    "sparsity.every": (100, "Optimizer steps between pruning events."),
     # The device mesh (chinchax.parallel.mesh): a cluster preset, optionally with its axis sizes overridden.
     "mesh.preset": ("cpu", "Cluster preset (chinchax.parallel.mesh.PRESETS): cpu, gpu-8, gpu-h200-8, gpu-a100-8, gpu-8xN, tpu-v5e-N, tpu-v5p-N, tpu-v4-N, wse-N."),
     "mesh.data": (0, "Replicas on the 'data' mesh axis; 0 keeps the preset's size."),
@@ -80,6 +86,7 @@ LAYER_LOOPS = ("scan", "unroll", "auto")
 REMATS = ("none", "dots", "full")  # lightest first: what 'auto' tries in this order
 AUTO = 0  # train.microbatches = 0 (on the command line also 'auto'): the fewest that fit the device
 EVAL_SPLITS = ("validation", "test")  # what train.final_eval may name
+SPARSITY_SCHEDULES = ("geometric", "cubic", "one_shot")  # kept fraction per event: chinchax.training.sparsity
 
 
 class ConfigError(ValueError):
@@ -216,6 +223,18 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             isinstance(cfg.mesh[key], int) and cfg.mesh[key] >= 0,
             f"mesh.{key}={cfg.mesh[key]!r} must be an int >= 0 (0 keeps the preset's size)",
         )
+    sp = cfg.sparsity
+    need(0 <= sp.target < 1, f"sparsity.target={sp.target} must be in [0, 1)")
+    need(
+        sp.schedule in SPARSITY_SCHEDULES,
+        f"sparsity.schedule={sp.schedule!r} is not one of {SPARSITY_SCHEDULES}",
+    )
+    need(0 < sp.start_fraction < 1, f"sparsity.start_fraction={sp.start_fraction} must be in (0, 1)")
+    need(
+        sp.start_fraction <= sp.end_fraction < 1,
+        f"sparsity.end_fraction={sp.end_fraction} must be in [sparsity.start_fraction, 1)",
+    )
+    need(isinstance(sp.every, int) and sp.every >= 1, f"sparsity.every={sp.every!r} must be an int >= 1")
     last_start = 0
     for start, size in batch_schedule(t):
         need(size > 0, f"train batch size {size} must be > 0")

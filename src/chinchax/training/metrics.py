@@ -63,6 +63,8 @@ class RunLog:
         if "tokens_per_second" in record:
             postfix["tok/s"] = f"{record['tokens_per_second']:.3g}"
             postfix["MFU"] = f"{record['mfu']:.1%}"
+        if "density" in record:  # a sparse run: the kept fraction of the prunable weights
+            postfix["density"] = f"{record['density']:.3f}"
         self.bar.set_postfix(postfix, refresh=False)
 
     def advance(self, steps: int = 1) -> None:

@@ -17,7 +17,8 @@ import ml_collections
 import optax
 
 from chinchax import parametrization
-from chinchax.config import batch_phases
+from chinchax.config import batch_phases, steps_for
+from chinchax.training import sparsity
 
 
 def tokens_seen(cfg: ml_collections.ConfigDict):
@@ -56,12 +57,16 @@ def learning_rate(cfg: ml_collections.ConfigDict, total_tokens: int) -> optax.Sc
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, params, total_tokens: int) -> optax.GradientTransformation:
-    """clip → Adam → decoupled weight decay → −schedule → per-role LR multipliers (μP: hidden 1/m)."""
+    """clip → Adam → decoupled weight decay → −schedule → per-role LR multipliers (μP: hidden 1/m); with
+    sparsity.target > 0, wrapped by the pruner (chinchax.training.sparsity), else exactly this chain."""
     t = cfg.train
-    return optax.chain(
+    dense = optax.chain(
         optax.clip_by_global_norm(t.grad_clip_norm) if t.grad_clip_norm > 0 else optax.identity(),
         optax.scale_by_adam(b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps),
         optax.add_decayed_weights(t.weight_decay, parametrization.weight_decay_mask(cfg.model, params)),
         optax.scale_by_learning_rate(learning_rate(cfg, total_tokens)),
         parametrization.lr_multipliers(cfg.model, params),
     )
+    if cfg.sparsity.target == 0:
+        return dense
+    return sparsity.prune(dense, sparsity.schedule_for(cfg.sparsity, steps_for(cfg, total_tokens)))

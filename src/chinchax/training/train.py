@@ -30,7 +30,7 @@ from chinchax.config import batch_size_at, final_eval_splits, flatten, microbatc
 from chinchax.model import flops, gpt
 from chinchax.model import loss as loss_lib
 from chinchax.parallel import hardware, memory_plan, mesh
-from chinchax.training import checkpoint, optim
+from chinchax.training import checkpoint, optim, sparsity
 from chinchax.training.metrics import RunLog
 from chinchax.training.state import TrainState, init_state, optimizer, total_tokens
 
@@ -57,7 +57,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
 
     Gradients are averaged over the step's real tokens (padding rows excluded) with a scan over microbatches
     (one compiled body; no scan for a single microbatch); the metrics are the mean loss, the global gradient
-    norm before clipping, and the step's learning rate.
+    norm before clipping, the step's learning rate and, for a sparse run, the density of the prunable weights
+    once the step is done.
     """
     loss = loss_fn(cfg)
     tokens = tokens or total_tokens(cfg)
@@ -84,6 +85,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
         metrics = {"loss": mean_loss, "grad_norm": optax.global_norm(grads), "lr": lr(state.step)}
+        if isinstance(opt_state, sparsity.SparsityState):
+            metrics["density"] = sparsity.density(opt_state.masks)
         return new_state, metrics
 
     return step
@@ -268,9 +271,13 @@ def train(
                 "lr": float(metrics["lr"]),
                 "grad_norm": float(metrics["grad_norm"]),
             }
+            per_token = plan.flops_per_token
+            if "density" in metrics:  # sparse: the block matmuls at the running density
+                record["density"] = float(metrics["density"])
+                per_token = sparsity.flops_per_token(cfg.model, cfg.data.seq_len, record["density"])
             if timed_seconds > 0:
                 rate = timed_tokens / timed_seconds
-                record.update(tokens_per_second=rate, mfu=rate * plan.flops_per_token / peak)
+                record.update(tokens_per_second=rate, mfu=rate * per_token / peak)
             if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < plan.steps:
                 with _timed(spent, "eval"):
                     record["eval_loss"] = evaluate(cfg, eval_step, devices, state.params, store, "validation")
@@ -303,6 +310,17 @@ def train(
     if final:
         log.note("final " + ", ".join(f"{split} loss {loss:.4f}" for split, loss in final.items()))
     rate = timed_tokens / timed_seconds if timed_seconds else float("nan")
+    train_flops, per_token, sparse = plan.train_flops, plan.flops_per_token, {}
+    if cfg.sparsity.target > 0:  # FLOPs at each step's density; N_avg counts the dense parameters as they are
+        schedule = sparsity.schedule_for(cfg.sparsity, plan.steps)
+        train_flops = sparsity.train_flops(cfg, schedule, plan.steps)
+        per_token = train_flops / tokens
+        sparse = {
+            "final_density": schedule.density_at(plan.steps),
+            "average_density": sparsity.average_density(schedule, plan.steps),
+            "n_avg": sparsity.average_nonzero_params(cfg.model, schedule, plan.steps),
+            "pruning_steps": list(schedule.steps),
+        }
     summary = {
         "name": cfg.name,
         "final_train_loss": final_train_loss,
@@ -315,13 +333,14 @@ def train(
         "non_embedding_params": plan.non_embedding_params,
         "tokens": tokens,
         "steps": plan.steps,
-        "train_flops": plan.train_flops,
+        "train_flops": train_flops,
         "flops_per_token": plan.flops_per_token,
+        **sparse,
         "wall_seconds": time.perf_counter() - wall_start,
         "train_seconds": timed_seconds,
         **{f"{key}_seconds": seconds for key, seconds in spent.items()},
         "tokens_per_second": rate,
-        "mfu": rate * plan.flops_per_token / peak,
+        "mfu": rate * per_token / peak,
         "peak_flops": peak,
         "peak_flops_source": peak_source,
         "devices": jax.device_count(),
