@@ -1,6 +1,6 @@
 """Fit a scaling law to results: `python -m experiments.fit --results=FILE [--law=compute|chinchilla|envelope|isoflop]
-[--objective=lsq|huber] [--delta=D] [--params=total|non_embedding] [--flops=detailed|6nd] [--out=DIR]
-[--drop_highest=K] [--bootstrap=N] [--seed=S]`.
+[--objective=lsq|huber] [--delta=D] [--params=total|non_embedding] [--flops=detailed|6nd]
+[--size=params|avg_params] [--out=DIR] [--drop_highest=K] [--bootstrap=N] [--seed=S]`.
 
 FILE is CSV or JSONL with columns `flops` (or `train_flops`) and `loss`, or `params`, `tokens` and `loss`
 (optional: `non_embedding_params`, `run` for approach 1's training curves, `budget` for approach 2's groups).
@@ -48,6 +48,12 @@ _FLOPS = flags.DEFINE_enum(
     list(fit_io.FLOP_COUNTS),
     "C as the file's detailed count (default when it has one) or 6·N·D with the chosen N.",
 )
+_SIZE = flags.DEFINE_enum(
+    "size",
+    "params",
+    list(fit_io.SIZES),
+    "N as the parameter count, or avg_params: a sparse run's average non-zero count (its n_avg column).",
+)
 _OUT = flags.DEFINE_string("out", None, "Folder for the PNG plots (default: <results stem>_fit/ here).")
 _DROP_HIGHEST = flags.DEFINE_integer("drop_highest", 0, "Leave out the K highest-loss points.")
 _BOOTSTRAP = flags.DEFINE_integer(
@@ -58,7 +64,7 @@ _SEED = flags.DEFINE_integer("seed", None, "Bootstrap seed (default: fresh, repo
 
 def main(argv):
     del argv
-    points = fit_io.load_points(_RESULTS.value, _PARAMS.value, _FLOPS.value)
+    points = fit_io.load_points(_RESULTS.value, _PARAMS.value, _FLOPS.value, _SIZE.value)
     law = _LAW.value or ("chinchilla" if points.params is not None else "compute")
     if _OBJECTIVE.value is not None and law not in fit.DEFAULT_OBJECTIVES:
         raise fit_io.FitDataError(

@@ -304,7 +304,7 @@ def test_cli_fits_chinchilla_points_and_writes_plots(tmp_path, chinchilla_points
     envelope = {"envelope"} if summary["allocation"]["approach1"] else set()
     assert set(summary["plots"]) == {"loss_vs_flops", "residuals", "isoflops", "allocation"} | envelope
     assert summary["objective"]["name"] == "huber" and summary["objective"]["delta"] == fit.HUBER_DELTA
-    assert summary["counting"] == {"params": "total", "flops": "detailed"}
+    assert summary["counting"] == {"params": "total", "flops": "detailed", "size": "params"}
 
 
 def cerebras_points(path):
@@ -390,8 +390,10 @@ def test_identifiability_flags_a_law_without_an_irreducible_loss(cerebras_refere
 
 
 def synthetic_results(path, rows):
-    keys = list(rows[0])
-    path.write_text("\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n")
+    keys = list(dict.fromkeys(k for r in rows for k in r))  # a row without a column leaves it empty
+    path.write_text(
+        "\n".join([",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]) + "\n"
+    )
     return path
 
 
@@ -407,7 +409,7 @@ def test_counting_conventions_pick_the_columns(tmp_path):
     n = np.array([r["params"] for r in rows])
     d = np.array([r["tokens"] for r in rows])
     default = fit_io.load_points(path)
-    assert default.counting == {"params": "total", "flops": "detailed"}
+    assert default.counting == {"params": "total", "flops": "detailed", "size": "params"}
     np.testing.assert_allclose(default.flops, 9.0 * n * d, rtol=1e-12)
     kaplan = fit_io.load_points(path, "non_embedding", "6nd")
     np.testing.assert_allclose(kaplan.params, n - 1000, rtol=1e-12)
@@ -466,3 +468,57 @@ def test_cli_envelope_and_isoflop_laws(tmp_path):
     )
     one_run = run_cli(f"--results={synthetic_results(tmp_path / 'one.csv', curves[:30])}", "--law=envelope")
     assert one_run.returncode != 0 and "needs training curves" in one_run.stderr.strip().splitlines()[-1]
+
+
+def sparse_rows(law, rng):
+    """Dense runs on a grid of (N, D) and sparse runs whose loss follows the law at their average non-zero N."""
+    rows = []
+    for n in np.logspace(5, 7, 4):
+        for tpp in (5.0, 20.0, 80.0):
+            rows.append({"point": f"d{n:.0f}_{tpp:.0f}", "params": n, "tokens": tpp * n})
+    for i, (s, average) in enumerate(((0.2, 0.89), (0.4, 0.76), (0.6, 0.61), (0.8, 0.40))):
+        n, prunable = 4e6, 3e6
+        n_avg = n - (1 - average) * prunable
+        rows.append(
+            {
+                "point": f"s{i}",
+                "params": n,
+                "tokens": 20 * n,
+                "n_avg": n_avg,
+                "average_density": average,
+                "final_density": 1 - s,
+            }
+        )
+    for row in rows:
+        row["flops"] = 6.0 * row["params"] * row["tokens"]
+        size = row.get("n_avg", row["params"])
+        row["loss"] = float(law.loss(size, row["tokens"]) * np.exp(rng.normal(0, 0.002)))
+    return rows
+
+
+def test_sparse_runs_follow_the_dense_law_at_their_average_size(tmp_path):
+    """The sparse analysis and experiments.fit --size=avg_params on runs whose loss is L(N_avg, D): N_avg predicts
+    them best, and the fit over both kinds recovers the law."""
+    from chinchax.scaling import report
+
+    seed = fresh_seed()
+    rng = np.random.default_rng(seed)
+    law = fit.ChinchillaLaw(A=400.0, B=1500.0, E=1.8, alpha=0.34, beta=0.3)
+    rows = sparse_rows(law, rng)
+    summary = report.sparse(tmp_path, rows, resamples=0)
+    assert summary["best_size"] == "n_avg", (seed, summary["rmse_log_loss"])
+    assert summary["rmse_log_loss"]["n_avg"] < 0.01 < summary["rmse_log_loss"]["n_initial"], seed
+    for run in summary["runs"]:
+        row = next(r for r in rows if r["point"] == run["point"])
+        prunable = (row["params"] - row["n_avg"]) / (1 - row["average_density"])
+        assert run["n_final"] == pytest.approx(row["params"] - (1 - row["final_density"]) * prunable)
+    assert open(summary["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    path = synthetic_results(tmp_path / "sparse.csv", rows)
+    fitted = run_cli(f"--results={path}", "--size=avg_params", f"--out={tmp_path / 'fit'}", "--bootstrap=0")
+    assert fitted.returncode == 0, fitted.stderr
+    result = json.loads(fitted.stdout.strip().splitlines()[-1])
+    assert result["counting"]["size"] == "avg_params" and "size_law" in result["plots"]
+    assert result["alpha"] == pytest.approx(law.alpha, abs=0.05) and result["E"] == pytest.approx(
+        law.E, rel=0.05
+    )
+    assert result["rmse_log_loss"] < 0.005, seed  # the noise is 0.002: every run, sparse ones too, on the law

@@ -34,7 +34,7 @@ MIN_POINTS = {
 }  # parametric: more points than constants
 PARAM_COUNTS = ("total", "non_embedding")
 FLOP_COUNTS = ("detailed", "6nd")
-CEREBRAS_COUNTING = {"params": "total", "flops": "detailed"}
+SIZES = ("params", "avg_params")  # N as the parameter count, or a sparse run's average non-zero count
 
 
 class FitDataError(ValueError):
@@ -52,19 +52,22 @@ class ScalingPoints:
     tokens: np.ndarray | None
     run: np.ndarray | None
     budget: np.ndarray | None
-    counting: dict[
-        str, str | None
-    ]  # {"params": total | non_embedding (None: no sizes), "flops": detailed | 6nd}
+    sparse: np.ndarray | None  # with size="avg_params": True for the rows N_avg came from (sparse runs)
+    counting: dict  # {"params": total | non_embedding (None: no sizes), "flops": detailed | 6nd, "size"}
 
 
 def load_points(
-    path: str | pathlib.Path, params: str | None = None, flops: str | None = None
+    path: str | pathlib.Path, params: str | None = None, flops: str | None = None, size: str = "params"
 ) -> ScalingPoints:
     """Read and validate a CSV or JSONL results file (all numbers finite and > 0) under a counting convention:
-    `params` in PARAM_COUNTS, `flops` in FLOP_COUNTS (None: the Cerebras-GPT convention where the file allows)."""
-    if params not in (None, *PARAM_COUNTS) or flops not in (None, *FLOP_COUNTS):
+    `params` in PARAM_COUNTS, `flops` in FLOP_COUNTS (None: the Cerebras-GPT convention where the file allows).
+
+    `size="avg_params"` takes N as a sparse run's average non-zero parameter count (its `n_avg`: Jin et al. 2025)
+    and the parameter count of the rows without one (dense runs)."""
+    if params not in (None, *PARAM_COUNTS) or flops not in (None, *FLOP_COUNTS) or size not in SIZES:
         raise FitDataError(
-            f"counting must be params in {PARAM_COUNTS} and flops in {FLOP_COUNTS}, got {params!r}, {flops!r}"
+            f"counting must be params in {PARAM_COUNTS}, flops in {FLOP_COUNTS} and size in {SIZES}, "
+            f"got {params!r}, {flops!r}, {size!r}"
         )
     path = pathlib.Path(path)
     if not path.is_file():
@@ -98,6 +101,23 @@ def load_points(
         name: np.array([_positive(path, line, name, row[name]) for line, row in rows]) for name in wanted
     }
     n, tokens = (values[params_column], values["tokens"]) if has_sizes else (None, None)
+    sparse = None
+    if size == "avg_params":
+        if (
+            not has_sizes
+            or params_column != "params"
+            or not any(row.get("n_avg") not in (None, "") for _, row in rows)
+        ):
+            raise FitDataError(
+                f"{path}: --size=avg_params needs 'params', 'tokens' and an 'n_avg' column (sparse runs)"
+            )
+        sparse = np.array([row.get("n_avg") not in (None, "") for _, row in rows])
+        n = np.array(
+            [
+                _positive(path, line, "n_avg", row["n_avg"]) if is_sparse else dense
+                for (line, row), dense, is_sparse in zip(rows, n, sparse, strict=True)
+            ]
+        )
     return ScalingPoints(
         source=str(path),
         flops=values[flops_column] if flops == "detailed" else 6.0 * n * tokens,
@@ -106,7 +126,8 @@ def load_points(
         tokens=tokens,
         run=np.array([str(row["run"]) for _, row in rows]) if "run" in columns else None,
         budget=np.array([str(row["budget"]) for _, row in rows]) if "budget" in columns else None,
-        counting={"params": (params or "total") if has_sizes else None, "flops": flops},
+        sparse=sparse,
+        counting={"params": (params or "total") if has_sizes else None, "flops": flops, "size": size},
     )
 
 
@@ -278,7 +299,8 @@ def format_text(summary: dict) -> str:
     lines = [
         f"{FORMULAS[summary['law']]}: {summary['points']} points from {summary['source']} "
         f"({summary['dropped']} highest-loss dropped, {summary['bootstrap']} bootstrap resamples; "
-        f"N {counting['params'] or 'not given'}, C {counting['flops']})"
+        f"N {counting['params'] or 'not given'}{' average non-zero' * (counting.get('size') == 'avg_params')}, "
+        f"C {counting['flops']})"
     ]
     names = {"compute": ("C_c", "alpha", "E"), "chinchilla": ("A", "B", "E", "alpha", "beta")}.get(
         summary["law"], ()

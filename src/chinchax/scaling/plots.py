@@ -235,3 +235,31 @@ def mutransfer(curves: dict, diverged: dict, path: pathlib.Path) -> str:
     panels[0].set_ylabel("validation loss (nats/token)")
     figure.suptitle("μTransfer: loss vs learning rate across widths")
     return save(figure, path)
+
+
+def size_law(
+    points: ScalingPoints,
+    law: fit.ChinchillaLaw,
+    extra: dict[str, tuple[np.ndarray, np.ndarray]],
+    path: pathlib.Path,
+) -> str:
+    """Dense and sparse runs on one curve: loss less the law's data term, L − B/D^β, against N (a sparse run's
+    N_avg), beside the law's E + A/N^α; `extra` adds labelled (N, L − B/D^β) sets, e.g. sparse runs at other N."""
+    figure, axes = plt.subplots(figsize=(7, 5))
+    y = points.loss - law.B * points.tokens ** (-law.beta)
+    sparse = points.sparse if points.sparse is not None else np.zeros(len(points.loss), dtype=bool)
+    axes.scatter(points.params[~sparse], y[~sparse], s=24, color="tab:blue", label="dense runs (N)")
+    if sparse.any():
+        axes.scatter(
+            points.params[sparse], y[sparse], s=60, marker="^", color="tab:red", label="sparse runs (N_avg)"
+        )
+    for (label, (n, values)), marker in zip(extra.items(), ("v", "s", "D"), strict=False):
+        axes.scatter(n, values, s=36, marker=marker, facecolors="none", edgecolors="grey", label=label)
+    grid = np.logspace(np.log10(points.params.min()) - 0.2, np.log10(points.params.max()) + 0.2, 100)
+    axes.plot(
+        grid, law.E + law.A * grid ** (-law.alpha), color="black", label=f"E + A/N^α (α = {law.alpha:.3f})"
+    )
+    axes.set(xscale="log", xlabel="parameters N (sparse: average non-zero)", ylabel="L − B/D^β (nats/token)")
+    axes.set_title("One law for dense and sparse runs (N_avg)")
+    axes.legend(fontsize=8)
+    return save(figure, path)

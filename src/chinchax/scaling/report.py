@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pathlib
 
+import numpy as np
+
 from chinchax import atomic
 from chinchax.scaling import fit, fit_io, plots
 from chinchax.scaling.sweep import Sweep, SweepError, status
@@ -77,6 +79,8 @@ def fit_and_report(
             paths["isoflops"] = plots.isoflops(points, approach3, approach2, out / "isoflops.png")
         if approach1 is not None:
             paths["envelope"] = plots.envelope(points, run, approach1, out / "envelope.png")
+    if law_fit is not None and points.sparse is not None:
+        paths["size_law"] = plots.size_law(points, law_fit.law, {}, out / "size_law.png")
     if law_fit is not None:
         paths["loss_vs_flops"] = plots.loss_vs_flops(points, law_fit, out / "loss_vs_flops.png")
         paths["residuals"] = plots.residuals(points, law_fit, out / "residuals.png")
@@ -96,6 +100,8 @@ def analyse(sweep: Sweep, root: pathlib.Path, rows: list[dict], resamples: int =
         )
     if sweep.analysis == "mutransfer":
         return mutransfer(sweep, root, rows)
+    if sweep.analysis == "sparse":
+        return sparse(root, rows, resamples)
     law = "compute" if sweep.analysis == "compute_law" else "isoflop"
     try:
         points = fit_io.load_points(root / "results.csv")
@@ -110,6 +116,100 @@ def analyse(sweep: Sweep, root: pathlib.Path, rows: list[dict], resamples: int =
         raise SweepError(f"not fitting yet: {error}") from None
     atomic.write_json(root / "fit.json", {k: v for k, v in summary.items() if k != "text"}, indent=1)
     return summary
+
+
+def sparse(root: pathlib.Path, rows: list[dict], resamples: int = BOOTSTRAP) -> dict:
+    """Jin et al. (2025)'s test: L(N, D) fitted (approach 3) on the dense runs alone predicts each sparse run's
+    loss with N its average non-zero count (N_avg), its final and its initial count; the RMSE of log-loss of each
+    choice, each sparse run against its dense twin (tag `twin_of`), and one plot of both kinds on the law.
+    Writes root/sparse.json and root/sparse_law.png."""
+    is_sparse = np.array([row.get("n_avg") not in (None, "") for row in rows])
+    if is_sparse.all() or not is_sparse.any():
+        raise SweepError(
+            "the sparse analysis needs dense runs (to fit) and sparse runs (with n_avg) to predict"
+        )
+    dense = [row for row, s in zip(rows, is_sparse, strict=True) if not s]
+    law_fit = fit.fit_chinchilla(
+        [r["params"] for r in dense],
+        [r["tokens"] for r in dense],
+        [r["loss"] for r in dense],
+        resamples=resamples,
+        seed=SEED,
+    )
+    law = law_fit.law
+    runs = []
+    for row in (r for r, s in zip(rows, is_sparse, strict=True) if s):
+        prunable = (row["params"] - row["n_avg"]) / (1.0 - row["average_density"])
+        sizes = {
+            "n_avg": row["n_avg"],
+            "n_final": row["params"] - (1.0 - row["final_density"]) * prunable,
+            "n_initial": row["params"],
+        }
+        twin = next((r for r in dense if r.get("twin_of") == row["point"]), None)
+        runs.append(
+            {
+                "point": row["point"],
+                "tokens": row["tokens"],
+                "loss": row["loss"],
+                **sizes,
+                **{f"predicted_{k}": float(law.loss(n, row["tokens"])) for k, n in sizes.items()},
+                "twin": twin and {"point": twin["point"], "params": twin["params"], "loss": twin["loss"]},
+            }
+        )
+    rmse = {
+        k: float(np.sqrt(np.mean([np.log(r[f"predicted_{k}"] / r["loss"]) ** 2 for r in runs])))
+        for k in ("n_avg", "n_final", "n_initial")
+    }
+    dense_points = fit_io.ScalingPoints(
+        source=str(root / "results.csv"),
+        flops=np.array([r["flops"] for r in rows], dtype=float),
+        loss=np.array([r["loss"] for r in rows], dtype=float),
+        params=np.array(
+            [r["n_avg"] if s else r["params"] for r, s in zip(rows, is_sparse, strict=True)], dtype=float
+        ),
+        tokens=np.array([r["tokens"] for r in rows], dtype=float),
+        run=None,
+        budget=None,
+        sparse=is_sparse,
+        counting={"params": "total", "flops": "detailed", "size": "avg_params"},
+    )
+    shifted = {
+        f"sparse runs at their {label} N": (
+            np.array([r[key] for r in runs]),
+            np.array([r["loss"] - law.B * r["tokens"] ** (-law.beta) for r in runs]),
+        )
+        for key, label in (("n_final", "final"), ("n_initial", "initial"))
+    }
+    path = plots.size_law(dense_points, law, shifted, root / "sparse_law.png")
+    summary = {
+        "law": {
+            **fit_io.constants(law),
+            "ci": {k: list(v) for k, v in law_fit.ci.items()},
+            "dense_points": len(dense),
+        },
+        "rmse_log_loss": rmse,
+        "best_size": min(rmse, key=rmse.get),
+        "runs": runs,
+        "plot": path,
+    }
+    atomic.write_json(root / "sparse.json", summary, indent=1)
+    lines = [
+        f"L(N, D) on {len(dense)} dense runs: E {law.E:.4g}, A {law.A:.4g}, B {law.B:.4g}, α {law.alpha:.3f}, β {law.beta:.3f}"
+    ]
+    lines.append(
+        "RMSE of log-loss predicting the sparse runs: " + ", ".join(f"{k} {v:.4f}" for k, v in rmse.items())
+    )
+    for r in runs:
+        twin = r["twin"]
+        twin_text = (
+            f"; dense twin {twin['point']} (N {twin['params']:,}) {twin['loss']:.4f}, Δ {r['loss'] - twin['loss']:+.4f}"
+            if twin
+            else ""
+        )
+        lines.append(
+            f"  {r['point']}: loss {r['loss']:.4f}, N_avg {r['n_avg']:,.0f} → predicted {r['predicted_n_avg']:.4f}{twin_text}"
+        )
+    return {**summary, "text": "\n".join(lines + [f"plot: {path}"])}
 
 
 def best_learning_rates(rows: list[dict]) -> dict[str, dict[str, float]]:

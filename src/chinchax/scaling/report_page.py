@@ -19,7 +19,7 @@ import struct
 
 from chinchax import atomic
 from chinchax.scaling import fit
-from chinchax.scaling.sweep import OVERHEAD_COLUMNS, SUMMARY_COLUMNS
+from chinchax.scaling.sweep import OVERHEAD_COLUMNS, SPARSITY_COLUMNS, SUMMARY_COLUMNS
 
 PAGE_NAME = "report.html"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -69,7 +69,15 @@ TITLED_FIELDS = {
     "optimum_per_budget": "Compute-optimal size per isoFLOP budget (approach 2)",
 }
 # results.csv columns that are a point's summary rather than its tags.
-SUMMARY_FIELDS = {"point", "overhead_seconds", "flops", "loss", *SUMMARY_COLUMNS, *OVERHEAD_COLUMNS}
+SUMMARY_FIELDS = {
+    "point",
+    "overhead_seconds",
+    "flops",
+    "loss",
+    *SUMMARY_COLUMNS,
+    *OVERHEAD_COLUMNS,
+    *SPARSITY_COLUMNS,
+}
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; color: #1c1c1c; max-width: 1200px; margin: 24px auto;

@@ -22,7 +22,7 @@ import pathlib
 from chinchax import atomic
 from chinchax.scaling.plan import Point
 
-ANALYSES = ("compute_law", "isoflop", "mutransfer")
+ANALYSES = ("compute_law", "isoflop", "mutransfer", "sparse")
 SUMMARY_COLUMNS = (
     "final_train_loss",
     "final_eval_loss",
@@ -38,6 +38,8 @@ SUMMARY_COLUMNS = (
 )
 # Where the rest of a point's wall time went (summaries written before these were recorded lack them: None).
 OVERHEAD_COLUMNS = ("startup_seconds", "first_step_seconds", "eval_seconds", "checkpoint_seconds")
+# A sparse run's (chinchax.training.sparsity): average non-zero parameters and kept fractions (dense: None).
+SPARSITY_COLUMNS = ("n_avg", "average_density", "final_density")
 
 
 class SweepError(ValueError):
@@ -110,6 +112,7 @@ def gather(sweep: Sweep, root: pathlib.Path) -> list[dict]:
         row = {"point": point.name, **point.tags, **{c: summary[c] for c in SUMMARY_COLUMNS}}
         row["overhead_seconds"] = summary["wall_seconds"] - summary["train_seconds"]
         row.update({c: summary.get(c) for c in OVERHEAD_COLUMNS})
+        row.update({c: summary[c] for c in SPARSITY_COLUMNS if c in summary})
         row.update(flops=summary["train_flops"], loss=summary["final_eval_loss"])
         rows.append(row)
     atomic.write_text(root / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
