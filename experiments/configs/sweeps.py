@@ -11,6 +11,7 @@ import itertools
 from chinchax.scaling import plan
 from chinchax.scaling.sweep import Sweep, SweepError
 from experiments import configs
+from experiments.configs.sparse_cpu import sparse_cpu
 
 CPU_BASE = "cpu_tiny"
 # The CPU recipe, pinned here so a sweep's points do not move when the base point's defaults change.
@@ -29,12 +30,18 @@ CPU_HEAD = 16  # d_head at CPU widths (16–128): widths in steps of 16 give bud
 # two, are compute-optimal at 20 tokens/parameter: 7 points over 3.0 decades, ≈ 2.6e13 FLOPs in all. A second
 # layer fits the aspect ratio from d112 on; the next two-layer point (d128, 2.6e13) would add ~4 minutes.
 LADDER_BUDGETS = (2.1e10, 1.3e11, 4.1e11, 1.0e12, 2.0e12, 3.6e12, 1.9e13)
-# Four budgets over 1.5 decades, five sizes each at 5–80 tokens per parameter (log-centred on 20); heads of 8 give
-# widths in steps of 8, fine enough for five distinct sizes at 1e11 FLOPs.
+# Four budgets over 1.5 decades, six sizes each at 10–320 tokens per parameter (log-centred on 57): a first run
+# at 5–80 (centred on the planner's 20) found the least loss at the most tokens per parameter at every budget, so
+# the grid moved up to bracket the minimum. Heads of 4 give widths in steps of 4, fine enough for six distinct
+# sizes at 1e11 FLOPs.
 ISOFLOP_BUDGETS = (1e11, 3e11, 1e12, 3e12)
-ISOFLOP_HEAD = 8
+ISOFLOP_TOKENS_PER_PARAM = (10.0, 320.0)
+ISOFLOP_SIZES = 6
+ISOFLOP_HEAD = 4
 MUTRANSFER_WIDTHS = (32, 64, 128)
-MUTRANSFER_LRS = tuple(10.0**e for e in (-3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5))  # half-decade log grid
+# A half-decade log grid (5.6e-4 … 0.56) placed so that a point (10^-1.25 ≈ 0.056) sits at μP's measured optimum
+# on this recipe: on the grid a quarter-decade lower, μP's best point at width 128 won by only 0.006 nats.
+MUTRANSFER_LRS = tuple(10.0**e for e in (-3.25, -2.75, -2.25, -1.75, -1.25, -0.75, -0.25))
 MUTRANSFER_SHORT = (
     ("model.n_layers", 2),
     ("data.seq_len", 128),
@@ -76,13 +83,20 @@ def cpu_ladder() -> Sweep:
 
 
 def isoflop_cpu() -> Sweep:
-    """Four budgets × five sizes (5–80 tokens/param at equal FLOPs), then Chinchilla approach 2 under both counts."""
+    """Four budgets × six sizes (10–320 tokens/param at equal FLOPs), then Chinchilla approach 2 under both counts."""
     base = configs.get(CPU_BASE)
     points = [
         p
         for budget in ISOFLOP_BUDGETS
         for p in plan.isoflop_grid(
-            base, CPU_BASE, budget, sizes=5, d_head=ISOFLOP_HEAD, tolerance=3.0, extra=CPU_RECIPE + FINAL_EVAL
+            base,
+            CPU_BASE,
+            budget,
+            sizes=ISOFLOP_SIZES,
+            tokens_per_param=ISOFLOP_TOKENS_PER_PARAM,
+            d_head=ISOFLOP_HEAD,
+            tolerance=3.0,
+            extra=CPU_RECIPE + FINAL_EVAL,
         )
     ]
     return Sweep("isoflop_cpu", isoflop_cpu.__doc__, tuple(points), analysis="isoflop")
@@ -109,7 +123,7 @@ def mutransfer() -> Sweep:
     return Sweep("mutransfer", mutransfer.__doc__, tuple(points), analysis="mutransfer")
 
 
-SWEEPS = {f.__name__: f for f in (cpu_ladder, isoflop_cpu, mutransfer, smoke)}
+SWEEPS = {f.__name__: f for f in (cpu_ladder, isoflop_cpu, mutransfer, smoke, sparse_cpu)}
 
 
 def get(name: str) -> Sweep:
