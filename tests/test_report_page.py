@@ -209,3 +209,28 @@ def test_a_bad_root_is_one_line_of_error(tmp_path):
         assert out.stderr.strip().splitlines() == [f"error: {out.stderr.strip()[7:]}"]
         assert expected in out.stderr and "Traceback" not in out.stderr
         assert not (root / "report.html").exists()
+
+
+def test_a_sparse_sweep_shows_its_runs_on_the_dense_law(tmp_path):
+    """report.sparse on runs drawn from a known L(N, D) (sparse ones at their N_avg), then the page: every sparse
+    run with its N_avg, loss and the law's prediction as sparse.json has them, and its plot embedded."""
+    from tests.test_fit import sparse_rows
+
+    rows = sparse_rows(
+        fit.ChinchillaLaw(A=400.0, B=1500.0, E=1.8, alpha=0.34, beta=0.3), np.random.default_rng()
+    )
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+    summary = report.sparse(tmp_path, rows, resamples=0)
+    assert _report(tmp_path).returncode == 0
+    page = _Page()
+    page.feed((tmp_path / "report.html").read_text())
+    table = page.rows("sparse_runs")
+    for run in summary["runs"]:
+        row = table[run["point"]]
+        assert row[2] == f"{run['n_avg']:,.0f}" and row[4] == f"{run['loss']:.4f}"
+        assert row[5] == f"{run['predicted_n_avg']:.4f}"
+    assert [alt for alt, _ in page.images] == ["sparse_law.png"]
+    assert base64.b64decode(page.images[0][1].split(",", 1)[1]) == (tmp_path / "sparse_law.png").read_bytes()

@@ -131,6 +131,9 @@ def page(root: pathlib.Path) -> str:
             body.append(_law_section(fitted["other_counting"], figures, unit))
     if mutransfer is not None:
         body.append(_mutransfer(mutransfer, figures))
+    sparse = _json(root / "sparse.json")
+    if sparse is not None:
+        body.append(_sparse(sparse, figures))
     body += [_published(fitted, unit), _points(rows, unit), figures.rest()]
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(name)} — sweep report</title>'
@@ -408,6 +411,52 @@ def _mutransfer(summary: dict, figures: _Figures) -> str:
     other = {k: v for k, v in summary.items() if k not in ("best_lr", "diverged", "plot")}
     if other:
         lines.append(_table(("field", "value"), [(_e(k), _generic(v)) for k, v in other.items()], None, 2))
+    return "\n".join(lines)
+
+
+def _sparse(summary: dict, figures: _Figures) -> str:
+    """Sparse runs against the law of the dense ones: prediction error per choice of N, each run and its twin."""
+    lines = ["<h2>Sparse runs on the dense runs' law</h2>"]
+    law = summary.get("law") or {}
+    lines.append(
+        f"<p>L(N, D) fitted on {_e(law.get('dense_points', '–'))} dense runs: "
+        + ", ".join(f"{_e(k)} {_e(_number(law.get(k)))}" for k in CONSTANTS["chinchilla"])
+        + "</p>"
+    )
+    rmse = summary.get("rmse_log_loss") or {}
+    lines.append(
+        _table(
+            ("N taken as", "RMSE of log-loss"),
+            [(_e(k), _e(_number(v, ".4f"))) for k, v in rmse.items()],
+            "rmse",
+        )
+    )
+    rows = []
+    for run in summary.get("runs", []):
+        twin = run.get("twin") or {}
+        rows.append(
+            [
+                _e(run.get("point")),
+                *(_e(_number(run.get(k), ",.0f")) for k in ("n_initial", "n_avg", "n_final")),
+                _e(_number(run.get("loss"), ".4f")),
+                _e(_number(run.get("predicted_n_avg"), ".4f")),
+                _e(twin.get("point", "–")),
+                _e(_number(twin.get("loss"), ".4f")),
+            ]
+        )
+    header = (
+        "sparse run",
+        "N initial",
+        "N_avg",
+        "N final",
+        "loss",
+        "law at N_avg",
+        "dense twin",
+        "twin loss",
+    )
+    lines.append(_table(header, rows, "sparse_runs"))
+    plot = summary.get("plot")
+    lines.append(figures.take([plot] if plot else []))
     return "\n".join(lines)
 
 
