@@ -12,7 +12,7 @@ from ml_collections import config_flags
 from chinchax import config as config_lib
 from chinchax.dryrun import aot
 from chinchax.dryrun import report as dry_run
-from chinchax.parallel import distributed
+from chinchax.parallel import distributed, mesh
 from chinchax.scaling import launch
 from chinchax.training import checkpoint, train
 from experiments import STARTED, configs
@@ -60,9 +60,13 @@ def main(argv):
         cfg.mesh.preset = _MESH.value
     cfg = config_lib.validate(cfg)
     if _DRY_RUN.value:
+        pod = cfg.mesh.preset != "cpu"
+        if pod:  # lower and compile the real step against a virtual mesh of the preset's size
+            aot.use_virtual_devices(mesh.preset(cfg.mesh.preset).devices or 1)
         report, resolved = dry_run.report(cfg)
-        if _MESH.value:  # lower and compile the real step against a virtual mesh of the preset's size
+        if pod:
             report = dry_run.add_xla(report, aot.compile_plan(resolved))
+        report = dry_run.add_prediction(report, resolved)
         print(dry_run.format_plan(report))
         print(json.dumps(report))
         return

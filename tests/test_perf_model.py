@@ -8,16 +8,28 @@ the layer scan (embeddings, final LayerNorm) do not change across microbatches a
 XLA on CPU sums gradients with all-reduces (2·(n−1)/n of the array) per layer and microbatch, not with
 reduce-scatters. Tensor parallelism adds Megatron's activation all-reduces: after attn-out and fc2 in the
 forward pass, after qkv and fc1 (their input gradients) in the backward pass.
+
+Then the prediction in the commands: the memory traffic written out from the model's shapes, the dry run's step
+time against the roofline of its compiled step's numbers, the budget planner against a stand-in MFU and a law's
+closed-form N_opt, and the outputs of experiments.run --dry_run and experiments.plan --mesh / --budget.
 """
 
 import dataclasses
+import json
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from chinchax.config import d_ffn, validate
 from chinchax.dryrun import aot
+from chinchax.dryrun import report as dry_run
+from chinchax.model import flops
 from chinchax.parallel import hardware, perf_model
 from experiments import configs
+from experiments import plan as plan_cli
+from tests.conftest import REPO
 
 F32 = 4
 SCALARS = 64  # loss sums, token counts, norm partial sums: fewer than this many f32 per collective figure
@@ -126,3 +138,211 @@ def test_roofline_by_hand():
     assert got.tokens_per_second == pytest.approx(2**20 / got.seconds)
     slow = perf_model.predict(device, mesh, flops, accessed, {"all-reduce on data": 25e9}, 2**20, 1.0)
     assert slow.bound == "all-reduce on data" and slow.seconds == pytest.approx(0.3 + 25e9 / infiniband)
+
+
+H100_NVLINK = 450e9  # bytes/s per direction (hardware.DEVICES["h100"]): every axis of gpu-8 stays in the node
+
+
+def _tiny_pod():
+    """The tiny model in bf16 with full remat on one 8×H100 node (data 1 × fsdp 4 × tensor 2, vocab replicated)."""
+    cfg = _tiny()
+    cfg.model.update(compute_dtype="bfloat16", remat="full")
+    cfg.mesh.preset = "gpu-8"
+    return validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def predicted() -> tuple[dict, object]:
+    report, resolved = dry_run.report(_tiny_pod())
+    return dry_run.add_prediction(dry_run.add_xla(report, aot.compile_plan(resolved)), resolved), resolved
+
+
+def _traffic_by_hand(fsdp: int, tensor: int, holds_state: bool) -> dict:
+    """Memory traffic per device per step of _tiny_pod() on data 1 × fsdp × tensor, from the model's shapes:
+    the optimizer's 7 fp32 passes over the shard, the accumulator read and written per microbatch, the gathered
+    weights read 4 times in bf16 (forward, remat's recompute, input and weight gradients) with their fp32
+    gradient written, each block's activations written once and read twice plus once more each way for the
+    recompute (full remat keeps only the bf16 block input), and the fp32 logits and gradient written once and
+    read twice."""
+    cfg = _tiny_pod()
+    m, M, S = cfg.model, cfg.train.microbatches, cfg.data.seq_len
+    d, f, V, P, L, h = m.d_model, d_ffn(m), m.vocab_size, m.max_positions, m.n_layers, m.n_heads
+    bf16 = 2
+    layer_gathered = (4 * d * d + 2 * d * f) / tensor + 3 * d / tensor + f / tensor + 6 * d
+    gathered = L * layer_gathered + V * d + P * d + 2 * d  # vocabulary replicated on gpu-8
+    # the shard: 'embed' over fsdp in every kernel, bias and norm that has it; qkv's and fc1's biases do not
+    layer_shard = (4 * d * d + 2 * d * f) / (fsdp * tensor) + 3 * d / tensor + f / tensor + 6 * d / fsdp
+    shard = L * layer_shard + (V + P) * d / fsdp + 2 * d / fsdp
+    tokens = cfg.train.batch_size // M // fsdp * S  # one device's tokens per microbatch
+    block = tokens * (
+        d * (2 * bf16 + 2 * F32) + (4 * d + 2 * f) / tensor * bf16 + h / tensor * S * (2 * F32 + bf16)
+    )
+    kept = L * tokens * d * bf16
+    return {
+        "optimizer": 7 * F32 * shard if holds_state else 0,
+        "gradient_accumulation": 2 * F32 * shard * M,
+        "weights": M * gathered * (4 * bf16 + F32),
+        "activations": M * (3 * L * block + 2 * (L * block - kept)),
+        "logits": M * 3 * 2 * tokens * V * F32,
+    }
+
+
+def test_memory_traffic_by_hand():
+    cfg = _tiny_pod()
+    sizes = {"data": 1, "fsdp": 4, "tensor": 2}
+    got = perf_model.memory_traffic(cfg, sizes, hardware.DEVICES["h100"])
+    want = _traffic_by_hand(4, 2, holds_state=True)
+    assert {k: got[k] for k in want} == pytest.approx(want, rel=1e-12)
+    assert got["total"] == pytest.approx(sum(want.values()), rel=1e-12)
+    streamed = perf_model.memory_traffic(cfg, sizes, hardware.DEVICES["cs2"])
+    assert streamed["optimizer"] == 0 and streamed["total"] == pytest.approx(got["total"] - want["optimizer"])
+
+
+def test_dry_run_prediction_is_the_roofline_of_the_compiled_step(predicted):
+    """step = max(matmul FLOPs / peak, traffic / HBM bandwidth) + Σ collective bytes / NVLink, from the numbers of
+    the compiled step (XLA's loop-aware FLOPs and the HLO's collectives) and the traffic written out by hand."""
+    report, cfg = predicted
+    aot_plan, p = report["aot"], report["prediction"]
+    h100 = hardware.DEVICES["h100"]
+    compute = aot_plan["flops_per_step"]["xla_matmul_per_device"] / 989.4e12
+    memory = sum(_traffic_by_hand(4, 2, holds_state=True).values()) / 3.35e12
+    comms = sum(aot_plan["collective_bytes_per_device"].values()) / H100_NVLINK
+    assert h100.peak_flops == 989.4e12 and h100.memory_bandwidth == 3.35e12
+    assert p["compute_seconds"] == pytest.approx(compute) and p["memory_seconds"] == pytest.approx(memory)
+    assert comms > 0 and p["step_seconds"] == pytest.approx(max(compute, memory) + comms, rel=1e-9)
+    step_tokens = cfg.train.batch_size * cfg.data.seq_len
+    assert p["tokens_per_second"] == pytest.approx(step_tokens / p["step_seconds"])
+    model_flops = report["flops_per_token"] * step_tokens
+    assert p["mfu"] == pytest.approx(model_flops / (p["step_seconds"] * 8 * 989.4e12))
+    assert p["days"] == pytest.approx(report["tokens"] / p["tokens_per_second"] / 86400)
+    assert p["device_hours"] == pytest.approx(p["days"] * 24 * 8)
+    terms = {"compute": compute, "memory": memory} | {
+        name: moved / H100_NVLINK for name, moved in aot_plan["collective_bytes_per_device"].items()
+    }
+    assert p["bound"] == max(terms, key=terms.get)
+    detail = {"compute": "compute: ", "memory": "memory: "}.get(p["bound"], f"{p['bound']} over NVLink 4")
+    assert p["bound_detail"].startswith(detail)
+    assert f"step time        {p['step_seconds']:.3g} s predicted" in dry_run.format_plan(report)
+
+
+def test_prediction_says_why_it_is_unavailable():
+    cfg = _tiny()  # the cpu preset: no bandwidths in the device table, and nothing compiled
+    report, resolved = dry_run.report(cfg, devices=1)
+    got = dry_run.add_prediction(report, resolved)["prediction"]
+    assert "memory bandwidth" in got["unavailable"] and "host CPU" in got["unavailable"]
+    cfg.mesh.preset = "wse-8"  # CS-2: no peak FLOP/s in the table
+    report, resolved = dry_run.report(cfg)
+    assert (
+        "train.peak_flops_per_device" in dry_run.add_prediction(report, resolved)["prediction"]["unavailable"]
+    )
+
+
+H100_PEAK = 989.4e12
+
+
+def _fake_prediction(mfus: list[float]):
+    """A stand-in for compiling a point: its device-hours at the next of `mfus` (train FLOPs / (peak · MFU))."""
+    calls = iter(mfus)
+
+    def predict(cfg) -> dict:
+        mfu = next(calls)
+        hours = flops.plan(cfg).train_flops / (H100_PEAK * mfu) / 3600
+        return {"fits": True, "prediction": {"mfu": mfu, "device_hours": hours, "step_seconds": 1.0}}
+
+    return predict
+
+
+def test_budget_planner_spends_device_hours_at_the_predicted_mfu():
+    """2000 H100-hours at a shape-independent MFU of 50 %: the first round (MFU guessed at 40 %) overshoots, the
+    second plans for 2000 · 3600 · 989.4e12 · 0.5 model FLOPs at 20 tokens per parameter."""
+    got = plan_cli.plan_budget(2000, "device_hours", "gpu-8", predict=_fake_prediction([0.5, 0.5]))
+    rounds = got["rounds"]
+    assert [r["mfu_assumed"] for r in rounds] == [plan_cli.MFU_GUESS, 0.5] and got["converged"]
+    final = rounds[got["chosen"]]["planned"]
+    assert got["chosen"] == 1
+    assert final["train_flops"] == pytest.approx(2000 * 3600 * H100_PEAK * 0.5, rel=0.02)
+    assert final["tokens_per_param"] == pytest.approx(20, rel=0.1)
+    assert rounds[0]["planned"]["train_flops"] == pytest.approx(2000 * 3600 * H100_PEAK * 0.4, rel=0.02)
+
+
+def test_budget_planner_takes_the_round_closest_to_the_budget_when_mfu_jumps():
+    jumping = [0.8, 0.2] * plan_cli.MAX_ROUNDS  # each shape predicts an MFU that makes the next overshoot
+    got = plan_cli.plan_budget(2000, "device_hours", "gpu-8", predict=_fake_prediction(jumping))
+    spent = [r["spent"] for r in got["rounds"]]
+    assert len(spent) == plan_cli.MAX_ROUNDS and not got["converged"]
+    assert spent[0] == pytest.approx(0.4 / 0.8, rel=0.02)  # planned at MFU 40 %, predicted to run at 80 %
+    assert got["chosen"] == min(range(len(spent)), key=lambda i: abs(spent[i] - 1))
+
+
+def test_law_budget_follows_n_opt_and_bounds_the_loss(tmp_path):
+    """With a fitted Chinchilla law (B doubled from Besiroglu et al.'s, so that it asks for about 140 tokens per
+    parameter, not 20): N near the closed-form N_opt(C) (Hoffmann et al. Eq. 4) and the loss interval at the
+    corners of the constants' CIs, both written out here."""
+    A, B, E, alpha, beta = 482.01, 4000.0, 1.82, 0.3478, 0.3658
+    ci = {"A": [400, 560], "B": [3500, 4600], "E": [1.75, 1.9], "alpha": [0.33, 0.36], "beta": [0.35, 0.38]}
+    summary = {"law": "chinchilla", "A": A, "B": B, "E": E, "alpha": alpha, "beta": beta, "ci": ci}
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps({**summary, "counting": {"params": "total", "flops": "detailed"}}))
+    law, loaded = plan_cli.load_law(str(path))
+    budget = 3e20
+    got = plan_cli.plan_budget(budget, "flops", None, law)
+    planned = got["rounds"][0]["planned"]
+    n_opt = (alpha * A / (beta * B)) ** (1 / (alpha + beta)) * (budget / 6) ** (beta / (alpha + beta))
+    assert planned["params"] == pytest.approx(n_opt, rel=0.03) and got["converged"]
+    assert planned["train_flops"] == pytest.approx(budget, rel=0.02)
+    n, d = planned["params"], planned["tokens"]
+    assert planned["tokens_per_param"] > 100
+    low = 1.75 + 400 / n**0.36 + 3500 / d**0.38
+    high = 1.9 + 560 / n**0.33 + 4600 / d**0.35
+    interval, method = plan_cli.loss_interval(loaded, n, d)
+    assert interval == pytest.approx([low, high]) and "corners" in method
+    assert low < E + A / n**alpha + B / d**beta < high
+    # with the fit's bootstrap refits kept: the 95 % percentile interval of L over them, here 41 refits that
+    # shift E alone by −0.1, −0.095, … +0.1, whose 2.5th and 97.5th percentiles (numpy's linear rule: positions
+    # 0.025 · 40 = 1 and 39) are the shifts ∓0.095
+    shifts = np.linspace(-0.1, 0.1, 41)
+    refits = {"A": [A] * 41, "B": [B] * 41, "E": list(E + shifts), "alpha": [alpha] * 41, "beta": [beta] * 41}
+    interval, method = plan_cli.loss_interval({**loaded, "bootstrap_samples": refits, "ci_level": 0.95}, n, d)
+    central = E + A / n**alpha + B / d**beta
+    assert interval == pytest.approx([central - 0.095, central + 0.095]) and "bootstrap" in method
+
+
+def _outputs(commands: list[list[str]]) -> list[tuple[str, dict]]:
+    """(stdout, its last line as JSON) of each `python -m ...` command, run side by side."""
+    runs = [
+        subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        for args in commands
+    ]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0] * len(runs), outputs
+    return [(out, json.loads(out.strip().splitlines()[-1])) for out in outputs]
+
+
+def test_commands_print_the_prediction_and_end_with_json(tmp_path):
+    """experiments.run --dry_run on a pod, experiments.plan --mesh, and --budget with a law: lines and JSON."""
+    law = {"law": "chinchilla", "A": 482.01, "B": 2085.43, "E": 1.82, "alpha": 0.3478, "beta": 0.3658}
+    (tmp_path / "fit.json").write_text(json.dumps(law))
+    (run_out, report), (_, row), (plan_out, got) = _outputs(
+        [
+            ["experiments.run", "--config=cpu_tiny", "--dry_run", "--mesh=gpu-8"],
+            ["experiments.plan", "--mesh=gpu-8", "--points=cpu_tiny", "--json"],
+            [
+                "experiments.plan",
+                "--budget=1e17",
+                "--unit=flops",
+                "--mesh=gpu-8",
+                f"--law={tmp_path / 'fit.json'}",
+            ],
+        ]
+    )
+    p = report["prediction"]
+    assert f"step time        {p['step_seconds']:.3g} s predicted, bound by {p['bound_detail']}" in run_out
+    assert 0 < p["mfu"] < 1 and p["days"] == pytest.approx(report["tokens"] / p["tokens_per_second"] / 86400)
+    assert row["name"] == "cpu_tiny" and row["prediction"]["step_seconds"] == pytest.approx(p["step_seconds"])
+    assert got["train_flops"] == pytest.approx(1e17, rel=0.02) and got["loss"]["interval"] is None
+    assert got["prediction"]["step_seconds"] > 0 and got["run_args"][-1] == "--config.mesh.preset=gpu-8"
+    assert "predicted loss L(N, D) =" in plan_out and plan_out.splitlines()[0].split()[:3] == [
+        "round",
+        "MFU",
+        "used",
+    ]

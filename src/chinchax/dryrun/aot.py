@@ -12,6 +12,7 @@ analytic count (chinchax.model.flops also counts matmuls only).
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -43,6 +44,17 @@ def hlo_matmul_flops(hlo_text: str) -> float:
         return {"flops": 2.0 * math.prod(shapes[result]) * k}
 
     return perf_model.hlo_loop_totals(hlo_text, dot).get("flops", 0.0)
+
+
+def use_virtual_devices(count: int) -> None:
+    """Ask JAX for `count` fake CPU devices to compile against, unless XLA_FLAGS already sets a count or JAX has
+    started its backends (then the visible devices stay as they are)."""
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # backends already initialised: compile_plan says if too few devices are visible
+        pass
 
 
 def _devices(preset_devices: int | None, devices: int | Sequence[jax.Device] | None) -> list[jax.Device]:

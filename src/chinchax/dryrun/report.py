@@ -1,7 +1,9 @@
 """The dry-run plan of a config: what a run would cost, computed without allocating anything on devices.
 
 The plan resolves 'auto' microbatches and remat for the preset's mesh (chinchax.parallel.memory_plan) and gives the
-analytic per-device memory; `add_xla` puts XLA's memory analysis of the compiled step (chinchax.dryrun.aot) beside it.
+analytic per-device memory; `add_xla` puts XLA's memory analysis of the compiled step (chinchax.dryrun.aot) beside it,
+and `add_prediction` the performance model's step time (chinchax.parallel.perf_model): compute from XLA's loop-aware
+matmul FLOPs of the compiled step, memory from the analytic traffic estimate, collectives from the compiled HLO.
 """
 
 from __future__ import annotations
@@ -13,9 +15,18 @@ import jax
 import ml_collections
 
 from chinchax.model import flops, gpt
-from chinchax.parallel import memory_plan, mesh
+from chinchax.parallel import memory_plan, mesh, perf_model
 
 GiB = 2**30
+DAY = 86400.0
+ASSUMPTIONS = (
+    "step = max(compute, memory) + sum of collectives (collectives overlap nothing); compute = XLA's loop-aware "
+    "matmul FLOPs per device of the compiled step (remat recompute and padding included) at the peak; memory = "
+    "the analytic traffic of chinchax.parallel.perf_model.memory_traffic (not XLA's bytes accessed, which counts a "
+    "scanned layer once) at the memory bandwidth; collectives = bytes from the compiled HLO at their axis's link "
+    "(compiled on CPU, which sums gradients with all-reduce where a GPU compile reduce-scatters); days = tokens / "
+    "tokens per second at the first batch size"
+)
 
 
 def tree_param_count(model_cfg: ml_collections.ConfigDict) -> int:
@@ -73,6 +84,93 @@ def add_xla(report: dict, aot_plan: dict) -> dict:
     return {**report, "aot": aot_plan, "per_device_memory_bytes": xla, "fits": fits}
 
 
+def add_prediction(report: dict, resolved: ml_collections.ConfigDict) -> dict:
+    """The report with the performance model's prediction under `prediction` (step seconds, what bounds it, MFU,
+    tokens/s, days and device-hours to train), from its compiled step (`add_xla`); {'unavailable': why} when the
+    step was not compiled or the device table lacks a peak, a memory bandwidth or a link for the device."""
+    device = mesh.preset(resolved.mesh.preset).device
+    sizes = report["mesh"]["shape"]
+    peak = resolved.train.peak_flops_per_device or device.peak_flops
+    missing = [
+        name
+        for name, value in (("peak FLOP/s", peak), ("memory bandwidth", device.memory_bandwidth))
+        if not value
+    ]
+    why = None
+    if missing:
+        hint = " (set --config.train.peak_flops_per_device)" if not peak else ""
+        why = f"the device table has no {' or '.join(missing)} for {device.name}{hint}"
+    else:
+        try:
+            links = perf_model.axis_links(device, sizes)
+        except ValueError as error:
+            why = str(error)
+    if why is None and "aot" not in report:
+        why = "the step was not compiled: a dry run compiles it on a pod preset (--mesh=gpu-8, wse-16, ...)"
+    if why is not None:
+        return {**report, "prediction": {"unavailable": why}}
+
+    aot = report["aot"]
+    flops_per_device = aot["flops_per_step"]["xla_matmul_per_device"]
+    traffic = perf_model.memory_traffic(resolved, sizes, device)
+    step_tokens = resolved.train.batch_size * resolved.data.seq_len
+    got = perf_model.predict(
+        device,
+        sizes,
+        flops_per_device,
+        traffic["total"],
+        aot["collective_bytes_per_device"],
+        step_tokens,
+        report["flops_per_token"] * step_tokens,
+        peak,
+    )
+    if got.bound == "compute":
+        detail = f"compute: {flops_per_device:.3g} matmul FLOPs per device at {peak / 1e12:.0f} TFLOP/s"
+    elif got.bound == "memory":
+        detail = (
+            f"memory: {traffic['total'] / 1e9:.0f} GB per device (analytic) at "
+            f"{device.memory_bandwidth / 1e12:.2f} TB/s"
+        )
+    else:
+        axes = got.bound.split(" on ")[1].split("+")
+        detail = f"{got.bound} over {min((links[a] for a in axes), key=lambda link: link[1])[0]}"
+    days = report["tokens"] / got.tokens_per_second / DAY
+    prediction = {
+        "step_seconds": got.seconds,
+        "bound": got.bound,
+        "bound_detail": detail,
+        "mfu": got.mfu,
+        "tokens_per_second": got.tokens_per_second,
+        "days": days,
+        "device_hours": days * 24 * aot["devices"],
+        "compute_seconds": got.compute_seconds,
+        "memory_seconds": got.memory_seconds,
+        "collective_seconds": got.collective_seconds,
+        "memory_bytes_per_device": traffic,
+        "peak_flops": peak,
+        "peak_source": "configured" if resolved.train.peak_flops_per_device else device.source,
+        "links": {axis: name for axis, (name, _) in links.items()},
+        "assumptions": ASSUMPTIONS,
+    }
+    return {**report, "prediction": prediction}
+
+
+def hours(value: float) -> str:
+    """Device-hours for the terminal: whole hours with separators, three digits below ten."""
+    return f"{value:,.0f}" if value >= 10 else f"{value:.3g}"
+
+
+def format_prediction(p: dict) -> list[str]:
+    """The prediction's terminal lines."""
+    if "unavailable" in p:
+        return [f"prediction       unavailable: {p['unavailable']}"]
+    return [
+        f"step time        {p['step_seconds']:.3g} s predicted, bound by {p['bound_detail']}",
+        f"throughput       MFU {100 * p['mfu']:.1f}%, {p['tokens_per_second']:,.0f} tokens/s",
+        f"time to train    {p['days']:.3g} days ({hours(p['device_hours'])} device-hours)",
+    ]
+
+
 def format_plan(r: dict) -> str:
     """A few human-readable lines for the terminal."""
     shape = " × ".join(f"{k} {v}" for k, v in r["mesh"]["shape"].items())
@@ -94,5 +192,6 @@ def format_plan(r: dict) -> str:
             f"compute: {r['choice']}",
             f"memory / device  {held}{streamed}",
             f"fits             {str(r['fits']).lower()} ({memory['usable_bytes'] / GiB:.1f} GiB usable)",
+            *(format_prediction(r["prediction"]) if "prediction" in r else []),
         ]
     )

@@ -1,4 +1,4 @@
-"""The performance model: the collectives of a compiled step, per mesh axis, and a roofline step time.
+"""The performance model: the collectives of a compiled step per mesh axis, its memory traffic, a roofline step time.
 
 `collective_bytes` reads a compiled, SPMD-partitioned HLO module (`compiled.as_text()`) and gives, per device
 and per step, the bytes each kind of collective moves over each mesh axis (or set of axes), keyed
@@ -8,6 +8,18 @@ output of B bytes, all-gather and all-to-all move B·(g−1)/g, reduce-scatter B
 collective-permute B. A collective's replica groups are matched to the mesh axes whose device groups hold
 them (devices numbered as `mesh.devices.flat`, which is how jit assigns them). Loop bodies count trip-count
 times through `hlo_loop_totals`, the walk chinchax.dryrun.aot also counts matmul FLOPs with.
+
+`memory_traffic` estimates the bytes one device moves to and from its memory per step, analytically (XLA's
+cost analysis counts a scanned layer once, and the CPU compile of a dry run fuses differently from a GPU's):
+the optimizer reads fp32 params, gradients and both Adam moments and writes params and moments (7 × 4 bytes per
+parameter shard element; none on a weight-streaming device, whose optimizer runs in MemoryX); with several
+microbatches the gradient accumulator is read and written per microbatch; per microbatch every gathered weight
+is read in the compute dtype by the forward, input-gradient and weight-gradient matmuls (and once more when
+remat 'full' recomputes the forward) and its fp32 gradient written once; every activation of the memory plan's
+working set (chinchax.parallel.memory_plan.activation_bytes, all layers, no remat) and the fp32 logits and their
+gradient are written once and read twice (by their consumer and by the backward pass), and what remat drops is
+written and read once more when recomputed. Kernels that read an array more often than that (unfused
+elementwise chains) move more, so the estimate errs low.
 
 `predict` turns per-device FLOPs, bytes accessed and collective bytes into a step time on a device of
 chinchax.parallel.hardware: compute = FLOPs / peak FLOP/s, memory = bytes / memory bandwidth, each collective
@@ -23,9 +35,11 @@ import math
 import re
 from collections.abc import Callable
 
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from chinchax.parallel import hardware
+from chinchax.parallel import hardware, memory_plan, mesh
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \((.*)\) -> .* \{$")
 _PARAM = re.compile(r"(\S+): \w+\[([\d,]*)\]")
@@ -167,6 +181,34 @@ def collective_bytes(hlo_text: str, mesh_shape: dict[str, int]) -> dict[str, flo
         return {f"{kind} on {attribute(groups, mesh_shape)}": moved} if moved else {}
 
     return hlo_loop_totals(hlo_text, measure)
+
+
+def memory_traffic(
+    cfg: ml_collections.ConfigDict, sizes: dict[str, int], device: hardware.Device
+) -> dict[str, float]:
+    """{what moves them: bytes} one device reads and writes in its memory per train step (the module docstring's
+    estimate), for cfg with concrete microbatches and remat on a mesh of these axis sizes; 'total' sums them."""
+    m, fp32 = cfg.model, 4
+    width = jnp.dtype(m.compute_dtype).itemsize
+    microbatches = cfg.train.microbatches
+    shards = sizes["data"] * sizes["fsdp"]
+    sequences = -(-(cfg.train.batch_size // microbatches) // shards)  # per device, padded as training pads
+    shard = memory_plan.param_shard_elements(cfg, sizes)
+    gathered = memory_plan.param_shard_elements(cfg, {**sizes, "data": 1, "fsdp": 1})
+    every = memory_plan.activation_bytes(cfg, sequences, sizes["tensor"], "none")
+    kept = memory_plan.activation_bytes(cfg, sequences, sizes["tensor"], m.remat)
+    if m.remat != "none":  # activation_bytes adds one block's working set to what remat keeps
+        kept -= every // m.n_layers
+    split = 1 if "vocab" in mesh.preset(cfg.mesh.preset).replicated else sizes["tensor"]
+    weight_reads = 4 if m.remat == "full" else 3
+    traffic = {
+        "optimizer": 7 * fp32 * shard if device.holds_state else 0,
+        "gradient_accumulation": 2 * fp32 * shard * microbatches if microbatches > 1 else 0,
+        "weights": microbatches * gathered * (weight_reads * width + fp32),
+        "activations": microbatches * (3 * every + 2 * max(0, every - kept)),
+        "logits": microbatches * 3 * 2 * sequences * cfg.data.seq_len * m.vocab_size / split * fp32,
+    }
+    return {**{k: float(v) for k, v in traffic.items()}, "total": float(sum(traffic.values()))}
 
 
 def axis_links(device: hardware.Device, mesh_shape: dict[str, int]) -> dict[str, tuple[str, float]]:
