@@ -250,6 +250,8 @@ def report(
         summary["objective"] = {**law_fit.objective.describe(), "value": law_fit.objective_value}
         summary["identifiability"] = law_fit.identifiability
         summary["power_law"] = power_law_summary(law_fit.power_law, law_name)
+        # the refits themselves: a prediction's joint interval (e.g. experiments.plan --law) needs them
+        summary["bootstrap_samples"] = {k: [float(x) for x in v] for k, v in law_fit.bootstrap_samples.items()}
     else:
         summary.update(points=len(points.loss), dropped=0, ci_level=fit.CI_LEVEL)
         summary["objective"] = {

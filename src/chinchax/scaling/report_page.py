@@ -53,6 +53,7 @@ LAW_FIELDS = {
     "plots",
     "source",
     "other_counting",
+    "bootstrap_samples",
 }
 OBJECTIVE_FIELDS = {"name", "delta", "space", "value"}
 OBJECTIVE_NAMES = {"lsq": "least squares", "huber": "Huber"}
