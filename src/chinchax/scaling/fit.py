@@ -495,7 +495,7 @@ def approach1_envelope(
     if len(curves) < 2:
         return None
     low = min(c[1][0] for c in curves)
-    high = max(c[1][-1] for c in curves)
+    high = sorted(c[1][-1] for c in curves)[-2]  # beyond, one curve alone: no envelope to take
     grid_log_flops = np.linspace(low, high, num_flops)
     least, sizes, optimal_tokens = _envelope(curves, grid_log_flops)
     if len(np.unique(sizes)) < 3:

@@ -251,13 +251,13 @@ def report(
         summary["identifiability"] = law_fit.identifiability
         summary["power_law"] = power_law_summary(law_fit.power_law, law_name)
         # the refits themselves: a prediction's joint interval (e.g. experiments.plan --law) needs them
-        summary["bootstrap_samples"] = {k: [float(x) for x in v] for k, v in law_fit.bootstrap_samples.items()}
+        summary["bootstrap_samples"] = {
+            k: [float(x) for x in v] for k, v in law_fit.bootstrap_samples.items()
+        }
     else:
         summary.update(points=len(points.loss), dropped=0, ci_level=fit.CI_LEVEL)
-        summary["objective"] = {
-            "name": "lsq",
-            "space": "loss per budget (parabola), then log-log (power law)",
-        }
+        first = "loss per budget (parabola)" if law_name == "isoflop" else "least loss per C over the curves"
+        summary["objective"] = {"name": "lsq", "space": f"{first}, then log-log (power law)"}
     summary.update(bootstrap=resamples, seed=seed)
     if law_name == "chinchilla":
         summary["allocation"] = {
