@@ -1,5 +1,5 @@
 """Analyses of scaling results: the law fit with its plots and report (shared by `experiments.fit` and the sweeps),
-and the μTransfer learning-rate comparison.
+the μTransfer learning-rate comparison, and sparse runs against the law of the dense ones.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def sparse(root: pathlib.Path, rows: list[dict], resamples: int = BOOTSTRAP) -> 
         k: float(np.sqrt(np.mean([np.log(r[f"predicted_{k}"] / r["loss"]) ** 2 for r in runs])))
         for k in ("n_avg", "n_final", "n_initial")
     }
-    dense_points = fit_io.ScalingPoints(
+    both = fit_io.ScalingPoints(
         source=str(root / "results.csv"),
         flops=np.array([r["flops"] for r in rows], dtype=float),
         loss=np.array([r["loss"] for r in rows], dtype=float),
@@ -180,7 +180,7 @@ def sparse(root: pathlib.Path, rows: list[dict], resamples: int = BOOTSTRAP) -> 
         )
         for key, label in (("n_final", "final"), ("n_initial", "initial"))
     }
-    path = plots.size_law(dense_points, law, shifted, root / "sparse_law.png")
+    path = plots.size_law(both, law, shifted, root / "sparse_law.png")
     summary = {
         "law": {
             **fit_io.constants(law),
