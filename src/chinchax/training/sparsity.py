@@ -6,7 +6,7 @@ it is not a kernel). Embeddings, LayerNorms and biases always stay dense.
 When: a schedule of pruning events at steps (counts of updates done) start, start + every, ..., ≤ end. After
 event k of n the kept fraction of the prunable weights is
 
-    geometric   (1 − s)^((k+1)/n)                 (the Cerebras sparse pre-training code)
+    geometric   (1 − s)^((k+1)/n)                 (Jin et al. 2025, "The Journey Matters": their code)
     cubic       1 − s·(1 − (1 − (k+1)/n)³)        (Zhu & Gupta 2017, starting dense)
     one_shot    1 − s at `start` (n = 1)
 
