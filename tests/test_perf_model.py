@@ -19,6 +19,8 @@ import json
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -27,6 +29,8 @@ from chinchax.dryrun import aot
 from chinchax.dryrun import report as dry_run
 from chinchax.model import flops
 from chinchax.parallel import hardware, perf_model
+from chinchax.parallel import mesh as mesh_lib
+from chinchax.training import train
 from experiments import configs
 from experiments import plan as plan_cli
 from tests.conftest import REPO
@@ -346,3 +350,106 @@ def test_commands_print_the_prediction_and_end_with_json(tmp_path):
         "MFU",
         "used",
     ]
+
+
+# A module by hand: 16 trips of a loop that slices 4 rows of x (64×16 fp32), multiplies them by w (16×32) and
+# writes them back in place; then a copy of x. The loop's condition computation runs no kernel of note.
+LOOP_HLO = """HloModule by_hand
+
+%fused_slice (param_0: f32[64,16], param_1: s32[]) -> f32[4,16] {
+  %param_0 = f32[64,16]{1,0} parameter(0)
+  %param_1 = s32[] parameter(1)
+  %zero = s32[] constant(0)
+  %ds = f32[4,16]{1,0} dynamic-slice(%param_0, %param_1, %zero), dynamic_slice_sizes={4,16}
+  ROOT %neg = f32[4,16]{1,0} negate(%ds)
+}
+
+%fused_dot (param_0.1: f32[4,16], param_1.1: f32[16,32]) -> f32[4,32] {
+  %param_0.1 = f32[4,16]{1,0} parameter(0)
+  %param_1.1 = f32[16,32]{1,0} parameter(1)
+  %dot = f32[4,32]{1,0} dot(%param_0.1, %param_1.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %tanh = f32[4,32]{1,0} tanh(%dot)
+}
+
+%fused_update (param_0.2: f32[64,16], param_1.2: f32[4,16], param_2.2: s32[]) -> f32[64,16] {
+  %param_0.2 = f32[64,16]{1,0} parameter(0)
+  %param_1.2 = f32[4,16]{1,0} parameter(1)
+  %param_2.2 = s32[] parameter(2)
+  %zero.1 = s32[] constant(0)
+  ROOT %dus = f32[64,16]{1,0} dynamic-update-slice(%param_0.2, %param_1.2, %param_2.2, %zero.1)
+}
+
+%body (state: (s32[], f32[64,16], f32[16,32])) -> (s32[], f32[64,16], f32[16,32]) {
+  %state = (s32[], f32[64,16]{1,0}, f32[16,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%state), index=0
+  %x = f32[64,16]{1,0} get-tuple-element(%state), index=1
+  %w = f32[16,32]{1,0} get-tuple-element(%state), index=2
+  %rows = f32[4,16]{1,0} fusion(%x, %i), kind=kLoop, calls=%fused_slice
+  %y = f32[4,32]{1,0} fusion(%rows, %w), kind=kOutput, calls=%fused_dot
+  %x.1 = f32[64,16]{1,0} fusion(%x, %rows, %i), kind=kLoop, calls=%fused_update
+  %one = s32[] constant(1)
+  %i.1 = s32[] add(%i, %one)
+  ROOT %next = (s32[], f32[64,16]{1,0}, f32[16,32]{1,0}) tuple(%i.1, %x.1, %w)
+}
+
+%cond (state.1: (s32[], f32[64,16], f32[16,32])) -> pred[] {
+  %state.1 = (s32[], f32[64,16]{1,0}, f32[16,32]{1,0}) parameter(0)
+  %i.2 = s32[] get-tuple-element(%state.1), index=0
+  %trips = s32[] constant(16)
+  ROOT %more = pred[] compare(%i.2, %trips), direction=LT
+}
+
+ENTRY %main (x.2: f32[64,16], w.2: f32[16,32]) -> f32[64,16] {
+  %x.2 = f32[64,16]{1,0} parameter(0)
+  %w.2 = f32[16,32]{1,0} parameter(1)
+  %zero.2 = s32[] constant(0)
+  %init = (s32[], f32[64,16]{1,0}, f32[16,32]{1,0}) tuple(%zero.2, %x.2, %w.2)
+  %loop = (s32[], f32[64,16]{1,0}, f32[16,32]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"16"}}
+  %out = f32[64,16]{1,0} get-tuple-element(%loop), index=1
+  ROOT %copy = f32[64,16]{1,0} copy(%out)
+}
+"""
+
+
+def test_kernels_of_a_module_by_hand():
+    """Each kernel's runs, matmul FLOPs and bytes: the slice fusion reads only its 4 rows (and the index), the
+    matmul fusion its operands, the update fusion writes only its rows in place; the loop runs 16 times."""
+    rows, w, y, x, index = 4 * 16 * F32, 16 * 32 * F32, 4 * 32 * F32, 64 * 16 * F32, 4
+    got = {k.name: (k.opcode, k.runs, k.flops, k.bytes) for k in perf_model.hlo_kernels(LOOP_HLO)}
+    assert got == {
+        "rows": ("fusion", 16, 0.0, rows + index + rows),
+        "y": ("fusion", 16, 2.0 * 4 * 32 * 16, rows + w + y),
+        "x.1": ("fusion", 16, 0.0, rows + index + rows),
+        "i.1": ("add", 16, 0.0, 3 * index),
+        "copy": ("copy", 1, 0.0, 2 * x),
+    }
+
+
+def test_cpu_prediction_is_the_kernel_roofline_of_the_compiled_step():
+    """The CPU step time: per kernel of the compiled tiny step (2 microbatches, 3 scanned layers: loops),
+    max(FLOPs / peak, bytes / fresh bandwidth) for its first run and at the reused-buffer bandwidth for the
+    others, summed; its kernels hold every matmul FLOP that XLA's loop-aware count finds."""
+    cfg = _tiny()
+    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
+    shapes = jax.eval_shape(lambda: train.init_state(cfg, jax.random.key(0)))
+    step = mesh_lib.jit_train_step(cfg, mesh, train.make_train_step(cfg), shapes)
+    ids = jax.ShapeDtypeStruct((2, 8, cfg.data.seq_len), jnp.int32)
+    hlo = step.lower(mesh_lib.sharded_shapes(cfg, mesh, shapes), {"inputs": ids, "targets": ids}).compile()
+    kernels = perf_model.hlo_kernels(hlo.as_text())
+    assert sum(k.runs * k.flops for k in kernels) == pytest.approx(aot.hlo_matmul_flops(hlo.as_text()))
+    assert max(k.runs for k in kernels) >= cfg.train.microbatches * cfg.model.n_layers
+
+    peak, fresh, reused = 4e11, 1.5e10, 6e10
+    first = [max(k.flops / peak, k.bytes / fresh) for k in kernels]
+    later = [(k.runs - 1) * max(k.flops / peak, k.bytes / reused) for k in kernels]
+    got = perf_model.predict_kernels(kernels, peak, fresh, reused, 16 * 64, 1e9)
+    assert got.seconds == pytest.approx(sum(first) + sum(later), rel=1e-12)
+    assert got.compute_seconds == pytest.approx(sum(k.runs * k.flops for k in kernels) / peak)
+    assert got.memory_seconds == pytest.approx(
+        sum(k.bytes / fresh + (k.runs - 1) * k.bytes / reused for k in kernels)
+    )
+    assert got.collective_seconds == {} and got.bound in ("compute", "memory")
+    assert got.mfu == pytest.approx(1e9 / (got.seconds * peak))
+    assert got.tokens_per_second == pytest.approx(16 * 64 / got.seconds)
+    slow = perf_model.predict_kernels(kernels, 1e6, fresh, reused, 16 * 64, 1e9)  # a peak of 1 MFLOP/s
+    assert slow.bound == "compute" and slow.seconds >= slow.compute_seconds

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from collections.abc import Sequence
 
@@ -36,12 +35,7 @@ def hlo_matmul_flops(hlo_text: str) -> float:
     """
 
     def dot(result, shape, opcode, rest, shapes) -> dict[str, float]:
-        if opcode != "dot":
-            return {}
-        lhs = shapes[rest.split(",")[0].strip().lstrip("%").rstrip(")")]
-        contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-        k = math.prod(lhs[i] for i in perf_model.dims(contracting.group(1))) if contracting else 1
-        return {"flops": 2.0 * math.prod(shapes[result]) * k}
+        return {"flops": perf_model.dot_flops(rest, shapes[result], shapes)} if opcode == "dot" else {}
 
     return perf_model.hlo_loop_totals(hlo_text, dot).get("flops", 0.0)
 

@@ -6,15 +6,19 @@ process (HBM, or on a Cerebras CS-2 the wafer's SRAM, where only activations liv
 stay in MemoryX and stream in). Peaks are dense bf16, the figure MFU is quoted against; a CPU's peak is
 measured on the machine at hand. Bandwidths are bytes/s per device: memory (HBM, or the wafer's SRAM), and one
 link within a host and one across hosts, each per direction (what a ring collective's step sends while it
-receives as much). A CPU's bandwidths are not in the table yet (None).
+receives as much). A CPU's memory bandwidth is measured on the machine at hand (measure_memory_bandwidth, in
+the run that uses it: benchmarks/perf_model_cpu.py); it has no links.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import pathlib
 import platform
+import statistics
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +95,10 @@ DEVICES: dict[str, Device] = {  # by_kind takes the first match: the more specif
                   "12 × 100 Gigabit Ethernet (1.2 Tb/s); Cerebras weight-streaming white paper: weights "
                   "stream in from MemoryX and gradients reduce out through SwarmX over these links"),
     "cpu": Device("host CPU", "cpu", None, None, True, "cpu",
-                  "this machine: available RAM split over its local devices; peak measured"),
+                  "this machine: available RAM split over its local devices; peak measured",
+                  bandwidth_source="this machine: memory bandwidth measured (measure_memory_bandwidth: a jitted "
+                  "elementwise pass over 256 MiB of fp32 into fresh, or reused, buffers; bytes read and written "
+                  "over the median time)"),
 }
 # fmt: on
 
@@ -124,6 +131,24 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / best
 
 
+def measure_memory_bandwidth(elements: int = 2**26, repeats: int = 9, reuse: bool = False) -> float:
+    """Bytes/s of a jitted fp32 y = a·x + b over `elements` (default 256 MiB, far larger than a CPU's caches) on
+    the default device: bytes read plus written over the median of `repeats` runs. Each run writes a freshly
+    allocated output, as a step's kernels write the buffers it allocates per run; with `reuse` the input is
+    donated, so each run writes into the buffer the previous run wrote, as a loop body's kernels do from its
+    second iteration on."""
+    x = jnp.ones((elements,), jnp.float32)
+    axpb = jax.jit(lambda v: 1.0001 * v + 1.0, donate_argnums=(0,) if reuse else ())
+    times = []
+    for run in range(repeats + 1):  # the first run compiles
+        start = time.perf_counter()
+        y = axpb(x).block_until_ready()
+        if run:
+            times.append(time.perf_counter() - start)
+        x = y if reuse else x
+    return 2 * 4 * elements / statistics.median(times)
+
+
 def _machine() -> str:
     """This machine as a cache key: host name, CPU model, device kind, jax version."""
     with open("/proc/cpuinfo") as f:
@@ -140,9 +165,16 @@ def peak_flops_per_device(configured: float = 0.0) -> tuple[float, str]:
     device = by_kind(kind)
     if device is not None and device.peak_flops:
         return device.peak_flops, f"table ({device.source})"
-    path = data.default_cache_dir() / "peak_flops.json"
+    value, path = _measured_once("peak_flops.json", measure_matmul_peak)
+    return value, f"measured fp32 matmul ({kind}; cached in {path})"
+
+
+def _measured_once(name: str, measure: Callable[[], float]) -> tuple[float, pathlib.Path]:
+    """(measure() for this machine, the cache file): read from the chinchax cache's `name`, else measured
+    now and kept there."""
+    path = data.default_cache_dir() / name
     measured, machine = (json.loads(path.read_text()) if path.is_file() else {}), _machine()
     if machine not in measured:
-        measured[machine] = measure_matmul_peak()
+        measured[machine] = measure()
         atomic.write_json(path, measured)
-    return measured[machine], f"measured fp32 matmul ({kind}; cached in {path})"
+    return measured[machine], path

@@ -25,6 +25,20 @@ elementwise chains) move more, so the estimate errs low.
 chinchax.parallel.hardware: compute = FLOPs / peak FLOP/s, memory = bytes / memory bandwidth, each collective
 = bytes / the bandwidth of its axis's link. Overlap assumption (conservative): compute and memory traffic
 overlap each other, collectives overlap nothing, so step = max(compute, memory) + Σ collectives.
+
+On a CPU (one device, no collectives) the step is predicted kernel by kernel instead (`predict_kernels`): XLA:CPU
+runs the kernels of a compiled module one after another, each a fusion, a matmul or a lone op. So each kernel
+takes the roofline time of its own work, max(its matmul FLOPs / peak, the bytes it reads and writes / memory
+bandwidth), and the step is their sum. `hlo_kernels` reads the kernels from the compiled HLO (how often each
+runs: the trip counts of the loops around it; bytes: its operands and result). The bandwidth depends on where
+a kernel writes: the buffers of a step are allocated afresh each run, and writing pages for the first time
+costs the operating system's faults, so a kernel's first run moves bytes at the bandwidth of an elementwise
+pass into a fresh buffer, while a loop body (microbatches, blockwise attention) writes from its second
+iteration on into buffers it already wrote, at the bandwidth of a pass into a reused buffer:
+step = Σ_kernels max(FLOPs / peak, bytes / fresh) + (runs − 1) · max(FLOPs / peak, bytes / reused).
+The peak (fp32 matmul) and both bandwidths are measured on the machine (chinchax.parallel.hardware); nothing
+is fitted to step times. Small matmuls run below the peak (so matmul-heavy shapes err low), and a kernel whose
+operands stay in cache moves less than its bytes (so many small kernels err high).
 """
 
 from __future__ import annotations
@@ -276,5 +290,146 @@ def predict(
         memory_seconds=memory,
         collective_seconds=comms,
         mfu=model_flops_per_step / (seconds * devices * peak),
+        tokens_per_second=tokens_per_step / seconds,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """One kernel of a compiled module, as `hlo_kernels` reads it."""
+
+    name: str  # the HLO instruction
+    opcode: str  # 'fusion', 'dot', 'copy', ...
+    runs: int  # times a step runs it (the trip counts of the loops around it)
+    flops: float  # matmul FLOPs per run (2 · output · contraction of each dot it holds)
+    bytes: float  # bytes read and written per run
+
+
+# instructions that launch nothing and move nothing, and those whose callees run as kernels of their own
+_NO_KERNEL = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all")
+_CONTROL = ("while", "call", "conditional")
+
+
+def dot_flops(rest: str, out: tuple[int, ...], shapes: dict[str, tuple[int, ...]]) -> float:
+    """2 · output elements · contraction size of a dot with these operands-and-attributes."""
+    lhs = shapes[rest.split(",")[0].strip().lstrip("%").rstrip(")")]
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+    k = math.prod(lhs[i] for i in dims(contracting.group(1))) if contracting else 1
+    return 2.0 * math.prod(out) * k
+
+
+def _operands(rest: str) -> list[str]:
+    """The operand names of an instruction's operands-and-attributes text."""
+    return re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+
+
+# ops that update their first operand in place and write only their update (the operand index of the update)
+_IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}
+
+
+def hlo_kernels(hlo_text: str) -> list[Kernel]:
+    """The kernels a compiled (unpartitioned) module runs: each instruction of the entry computation and of the
+    while bodies, calls and branches it reaches, but for the bookkeeping ones (parameter, constant, tuple,
+    get-tuple-element, bitcast). A fusion is one kernel holding the matmul FLOPs of the dots inside it.
+
+    Bytes are those of a kernel's operands and result, except where it touches less: an operand that a fusion
+    only dynamic-slices is read slice by slice (their sizes), and a dynamic-update-slice or scatter (alone or
+    as a fusion's root) updates its buffer in place, reading and writing only the update."""
+    body: dict[str, list[tuple[str, str, str, str]]] = {}  # computation: (result, shape, opcode, rest)
+    roots: dict[str, tuple[str, str, str, str]] = {}
+    entry, name = None, None
+    for line in hlo_text.splitlines():
+        if match := _COMPUTATION.match(line):
+            name = match.group(1)
+            entry = name if line.startswith("ENTRY") else entry
+            body[name] = []
+        elif name is not None and (match := _INSTRUCTION.match(line)):
+            body[name].append(match.groups())
+            if line.lstrip().startswith("ROOT "):
+                roots[name] = match.groups()
+    sizes, shapes = {}, {}
+    for instructions in body.values():
+        for result, shape, _, _ in instructions:
+            sizes[result] = shape_bytes(shape)
+            if array := _ARRAY_SHAPE.match(shape):
+                shapes[result] = dims(array.group(1))
+
+    def fused_flops(computation: str) -> float:
+        return sum(
+            dot_flops(rest, shapes[result], shapes) if opcode == "dot" else 0.0
+            for result, _, opcode, rest in body[computation]
+        ) + sum(fused_flops(callee) for *_, rest in body[computation] for callee in _CALLEE.findall(rest))
+
+    def moved(result: str, opcode: str, rest: str) -> float:
+        """Bytes a kernel reads and writes."""
+        operands = _operands(rest)
+        read = [sizes.get(operand, 0) for operand in operands]
+        written = sizes[result]
+        if opcode == "fusion":
+            fused = _CALLEE.findall(rest)[0]
+            inner, root = body[fused], roots[fused]
+            params = {p: int(p_rest.split(")")[0]) for p, _, o, p_rest in inner if o == "parameter"}
+        else:
+            inner, root = [], (result, "", opcode, rest)
+            params = {operand: i for i, operand in enumerate(operands)}
+        root_operands = _operands(root[3])
+        if root[2] in _IN_PLACE and root_operands[0] in params:
+            read[params[root_operands[0]]] = 0
+            written = sizes.get(root_operands[_IN_PLACE[root[2]]], 0)
+        if opcode == "dynamic-slice":
+            read[0] = written
+        for param, index in params.items() if inner else ():
+            users = [(u, o, _operands(u_rest)) for u, _, o, u_rest in inner if param in _operands(u_rest)]
+            if users and all(o == "dynamic-slice" and ops[0] == param for _, o, ops in users):
+                read[index] = sum(sizes[u] for u, _, _ in users)
+        return float(sum(read) + written)
+
+    kernels: list[Kernel] = []
+
+    def walk(computation: str, runs: int) -> None:
+        for result, _, opcode, rest in body[computation]:
+            if opcode in _CONTROL:
+                trips = _TRIP_COUNT.search(rest)
+                times = int(trips.group(1)) if opcode == "while" and trips else 1
+                for callee in _CALLEE.findall(rest):
+                    walk(callee, runs * times)
+            elif opcode not in _NO_KERNEL:
+                flops = dot_flops(rest, shapes[result], shapes) if opcode == "dot" else 0.0
+                if opcode == "fusion":
+                    flops = sum(fused_flops(callee) for callee in _CALLEE.findall(rest))
+                kernels.append(Kernel(result, opcode, runs, flops, moved(result, opcode, rest)))
+
+    walk(entry, 1)
+    return kernels
+
+
+def predict_kernels(
+    kernels: list[Kernel],
+    peak_flops: float,
+    fresh_bandwidth: float,
+    reused_bandwidth: float,
+    tokens_per_step: int,
+    model_flops_per_step: float,
+) -> Prediction:
+    """The step time of one device running `kernels` one after another (the module docstring's CPU model): per
+    kernel max(flops / peak_flops, bytes / fresh_bandwidth) for its first run and max(flops / peak_flops,
+    bytes / reused_bandwidth) for each later one, in FLOP/s and bytes/s, summed. compute_seconds and
+    memory_seconds are the two terms summed over every run of every kernel; bound is 'compute' when the runs
+    bound by compute take longer in all than those bound by memory, else 'memory'."""
+    bound_by = {"compute": 0.0, "memory": 0.0}
+    memory_seconds = 0.0
+    for k in kernels:
+        compute = k.flops / peak_flops
+        for memory, runs in ((k.bytes / fresh_bandwidth, 1), (k.bytes / reused_bandwidth, k.runs - 1)):
+            bound_by["compute" if compute > memory else "memory"] += runs * max(compute, memory)
+            memory_seconds += runs * memory
+    seconds = sum(bound_by.values())
+    return Prediction(
+        seconds=seconds,
+        bound=max(bound_by, key=bound_by.get),
+        compute_seconds=sum(k.runs * k.flops for k in kernels) / peak_flops,
+        memory_seconds=memory_seconds,
+        collective_seconds={},
+        mfu=model_flops_per_step / (seconds * peak_flops),
         tokens_per_second=tokens_per_step / seconds,
     )

@@ -1,0 +1,172 @@
+"""The CPU performance model against measured train steps: predicted and measured step time per shape.
+
+    python -m benchmarks.perf_model_cpu [--shapes=a,b,...] [--steps=7]
+
+It measures this machine's fp32 matmul peak and its memory bandwidth into fresh and into reused buffers once
+(chinchax.parallel.hardware), then for each shape compiles the train step as the trainer does (one device, the
+step jitted with its shardings and the state donated; batch 16, fp32, layers unrolled), predicts its time from
+the compiled HLO with chinchax.parallel.perf_model's kernel-by-kernel roofline (`predict_kernels`: per kernel
+max(FLOPs / peak, bytes / bandwidth), a loop body's later iterations at the reused-buffer bandwidth), and times
+it: the median of --steps timed steps after two warm-up steps. The shapes vary width (64–256), depth (1–6),
+vocabulary (257 bytes vs 50,304 GPT-2 ids), microbatches (1, 2), sequence length (128, 256) and attention
+('xla': whole score matrix; 'auto': blockwise on CPU). The table gives the predicted and measured seconds, the
+error (predicted / measured − 1) and what bounds the prediction, then the median |error|; last on stdout, one
+JSON object: {"peak_gflops", "fresh_bandwidth_gbps", "reused_bandwidth_gbps", "median_abs_error",
+"within_25_percent", "shapes": {name: {"predicted_s", "measured_s", "error", "bound", ...}}}.
+"""
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from chinchax.model import flops
+from chinchax.parallel import hardware, perf_model
+from chinchax.parallel import mesh as mesh_lib
+from chinchax.scaling import plan
+from chinchax.training import train
+from experiments import configs
+
+BATCH = 16
+SHAPES = {  # name: (d_model, n_layers, n_heads, tokenizer, microbatches, seq_len, attention)
+    "a": (64, 2, 4, "bytes", 1, 256, "xla"),
+    "b": (128, 4, 4, "bytes", 1, 256, "xla"),
+    "c": (256, 6, 8, "bytes", 1, 256, "xla"),
+    "d": (128, 1, 4, "gpt2", 1, 256, "xla"),
+    "e": (128, 4, 4, "bytes", 2, 256, "xla"),
+    "f": (256, 2, 8, "bytes", 1, 128, "xla"),
+    "g": (64, 6, 4, "gpt2", 2, 256, "xla"),
+    "h": (128, 4, 4, "bytes", 1, 256, "auto"),
+    "i": (256, 6, 8, "bytes", 2, 256, "auto"),
+}
+VOCAB = {"bytes": 257, "gpt2": 50304}
+
+_SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Shapes to measure, from {', '.join(SHAPES)}.")
+_STEPS = flags.DEFINE_integer("steps", 7, "Timed steps per shape (the median counts).")
+
+
+def shape_config(d_model, n_layers, n_heads, tokenizer, microbatches, seq_len, attention):
+    """cpu_tiny with the shape's overrides, batch 16, fp32."""
+    return plan.configure(
+        configs.get("cpu_tiny"),
+        {
+            "model.d_model": d_model,
+            "model.n_layers": n_layers,
+            "model.n_heads": n_heads,
+            "model.vocab_size": VOCAB[tokenizer],
+            "model.max_positions": seq_len,
+            "model.attention": attention,
+            "data.tokenizer": tokenizer,
+            "data.seq_len": seq_len,
+            "train.batch_size": BATCH,
+            "train.microbatches": microbatches,
+        }.items(),
+    )
+
+
+def compiled_step(cfg):
+    """(the compiled train step, its initial state, a batch of random tokens), built as the trainer builds them."""
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    tokens = flops.plan(cfg).tokens
+
+    def init(c, rng):
+        return train.init_state(c, rng, tokens=tokens)
+
+    rng = jax.random.key(0)
+    target = mesh_lib.sharded_shapes(cfg, mesh, jax.eval_shape(lambda: init(cfg, rng)))
+    step = mesh_lib.jit_train_step(cfg, mesh, train.make_train_step(cfg, tokens), target)
+    state = mesh_lib.init_sharded_state(cfg, mesh, init, rng, target)
+    microbatches = cfg.train.microbatches
+    ids = np.random.default_rng(0).integers(
+        0, cfg.model.vocab_size, (microbatches, BATCH // microbatches, cfg.data.seq_len + 1)
+    )
+    ids = jnp.asarray(ids, jnp.int32)
+    batch = {"inputs": ids[..., :-1], "targets": ids[..., 1:]}
+    return step.lower(state, batch).compile(), state, batch
+
+
+def median_step_seconds(compiled, state, batch, steps: int) -> float:
+    """The median of `steps` timed steps after two warm-up steps."""
+    times = []
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv):
+    del argv
+    unknown = set(_SHAPES.value) - set(SHAPES)
+    if unknown:
+        raise app.UsageError(f"--shapes: unknown {sorted(unknown)}; known: {', '.join(SHAPES)}")
+    peak = hardware.measure_matmul_peak()
+    fresh, reused = hardware.measure_memory_bandwidth(), hardware.measure_memory_bandwidth(reuse=True)
+    print(
+        f"{jax.devices()[0].device_kind}: fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, memory bandwidth "
+        f"{fresh / 1e9:.2f} GB/s into fresh buffers, {reused / 1e9:.2f} GB/s into reused ones (measured in this "
+        f"run); batch {BATCH}, fp32"
+    )
+    print(
+        f"{'shape':42s} {'predicted s':>11s} {'measured s':>10s} {'error':>7s} {'bound':>7s} "
+        f"{'compute s':>9s} {'memory s':>8s}"
+    )
+    results = {}
+    for name in _SHAPES.value:
+        d, layers, heads, tokenizer, microbatches, seq, attention = SHAPES[name]
+        cfg = shape_config(*SHAPES[name])
+        compiled, state, batch = compiled_step(cfg)
+        step_tokens = BATCH * seq
+        model_flops = flops.flops_per_token(cfg.model, seq) * step_tokens
+        got = perf_model.predict_kernels(
+            perf_model.hlo_kernels(compiled.as_text()), peak, fresh, reused, step_tokens, model_flops
+        )
+        measured = median_step_seconds(compiled, state, batch, _STEPS.value)
+        error = got.seconds / measured - 1
+        results[name] = {
+            "d_model": d,
+            "n_layers": layers,
+            "n_heads": heads,
+            "vocab_size": VOCAB[tokenizer],
+            "microbatches": microbatches,
+            "seq_len": seq,
+            "attention": attention,
+            "predicted_s": round(got.seconds, 5),
+            "measured_s": round(measured, 5),
+            "error": round(error, 4),
+            "bound": got.bound,
+            "compute_s": round(got.compute_seconds, 5),
+            "memory_s": round(got.memory_seconds, 5),
+        }
+        label = f"{name}: d{d} L{layers} h{heads} V{VOCAB[tokenizer]} mb{microbatches} S{seq} {attention}"
+        print(
+            f"{label:42s} {got.seconds:11.4f} {measured:10.4f} {error:+7.1%} {got.bound:>7s} "
+            f"{got.compute_seconds:9.4f} {got.memory_seconds:8.4f}",
+            flush=True,
+        )
+    errors = [abs(r["error"]) for r in results.values()]
+    median_error = statistics.median(errors)
+    within = all(e <= 0.25 for e in errors)
+    print(f"median |error| {median_error:.1%}; every shape within ±25%: {'yes' if within else 'no'}")
+    print(
+        json.dumps(
+            {
+                "peak_gflops": round(peak / 1e9, 1),
+                "fresh_bandwidth_gbps": round(fresh / 1e9, 2),
+                "reused_bandwidth_gbps": round(reused / 1e9, 2),
+                "median_abs_error": round(median_error, 4),
+                "within_25_percent": within,
+                "shapes": results,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    app.run(main)
