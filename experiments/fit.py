@@ -9,8 +9,9 @@ Laws: `compute` L(C) = (C/C_c)^-alpha + E (Cerebras-GPT Eq. 1; default objective
 al. and Besiroglu et al.), with approaches 1 and 2 beside it; `envelope` approach 1 (the least loss per C over
 training curves → N_opt ∝ C^a, D_opt ∝ C^b); `isoflop` approach 2 (a parabola in log N per budget → the same).
 Prints the constants with bootstrap CIs, the objective, the counting convention and one line per constant the
-data cannot identify (with the pure power law beside), writes PNG plots into --out, and prints last on stdout
-one JSON object (constants named as in the formula, `ci`, `objective`, `counting`, `identifiability`, `plots`).
+data cannot identify (with the pure power law beside), writes PNG plots and fit.json (the summary with its
+bootstrap refits: what `experiments.plan --law` reads) into --out, and prints last on stdout one JSON object
+(constants named as in the formula, `ci`, `objective`, `counting`, `identifiability`, `plots`, `fit_json`).
 """
 
 import json
@@ -19,6 +20,7 @@ import pathlib
 import numpy as np
 from absl import flags
 
+from chinchax import atomic
 from chinchax.scaling import fit, fit_io, report
 from experiments import cli as cli_lib
 
@@ -76,8 +78,11 @@ def main(argv):
     seed = _SEED.value if _SEED.value is not None else int(np.random.SeedSequence().entropy % 2**32)
     out = pathlib.Path(_OUT.value or f"{pathlib.Path(points.source).stem}_fit")
     summary = report.fit_and_report(points, law, out, _DROP_HIGHEST.value, _BOOTSTRAP.value, seed, objective)
-    print(summary.pop("text"))
-    print(json.dumps(summary))
+    text = summary.pop("text")
+    summary["fit_json"] = str(out / "fit.json")
+    atomic.write_json(out / "fit.json", summary, indent=1)
+    print(text + f"\n  fit (with its bootstrap refits): {summary['fit_json']}")
+    print(json.dumps(fit_io.printable(summary)))
 
 
 def cli():

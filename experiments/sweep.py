@@ -129,7 +129,7 @@ def main(argv):
         summary = report.analyse(sweep, root, rows, _BOOTSTRAP.value)
         if summary is not None:
             print(summary.pop("text"))
-            print(json.dumps(summary))
+            print(json.dumps(fit_io.printable(summary)))
     if failed:
         sys.exit(f"error: {len(failed)} point(s) failed, first: {failed[0].point}: {failed[0].message}")
 

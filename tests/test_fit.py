@@ -304,6 +304,11 @@ def test_cli_fits_chinchilla_points_and_writes_plots(tmp_path, chinchilla_points
     envelope = {"envelope"} if summary["allocation"]["approach1"] else set()
     assert set(summary["plots"]) == {"loss_vs_flops", "residuals", "isoflops", "allocation"} | envelope
     assert summary["objective"]["name"] == "huber" and summary["objective"]["delta"] == fit.HUBER_DELTA
+    # the refits go to fit.json only (what experiments.plan --law reads), not to the JSON line
+    saved = json.loads(open(summary["fit_json"]).read())
+    assert "bootstrap_samples" not in summary and saved["A"] == summary["A"]
+    assert all(len(v) == 20 for v in saved["bootstrap_samples"].values())
+    assert set(saved["bootstrap_samples"]) == set(BESIROGLU_FIT)
     assert summary["counting"] == {"params": "total", "flops": "detailed", "size": "params"}
 
 

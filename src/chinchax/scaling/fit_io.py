@@ -287,6 +287,13 @@ def report(
     return summary
 
 
+def printable(summary: dict) -> dict:
+    """The summary without the bootstrap refits (kept in fit.json, too long for the one JSON line on stdout)."""
+    return {
+        k: printable(v) if isinstance(v, dict) else v for k, v in summary.items() if k != "bootstrap_samples"
+    }
+
+
 FORMULAS = {
     "compute": "L(C) = (C / C_c)^(-alpha) + E",
     "chinchilla": "L(N, D) = E + A / N^alpha + B / D^beta  (approach 3)",
