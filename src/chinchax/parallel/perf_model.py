@@ -74,30 +74,55 @@ def dims(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(",") if d)
 
 
-def hlo_loop_totals(hlo_text: str, measure: Measure) -> dict[str, float]:
-    """Σ measure(...) over the instructions the entry computation runs: a called computation (fusion, call,
-    reducer, branch) counts once per call, a while body `known_trip_count` times (once when XLA does not know
-    the count)."""
-    own: dict[str, dict[str, float]] = {}
-    calls: dict[str, list[tuple[str, int]]] = {}
-    entry, name, shapes = None, None, {}
+Instruction = tuple[
+    str, str, str, str
+]  # (result name, result shape text, opcode, operands and attributes text)
+
+
+@dataclasses.dataclass(frozen=True)
+class HloModule:
+    """A compiled module's text, split into its computations."""
+
+    entry: str
+    body: dict[str, list[Instruction]]  # computation: its instructions in order
+    roots: dict[str, Instruction]  # computation: its ROOT instruction
+    params: dict[str, dict[str, tuple[int, ...]]]  # computation: the dims its header gives each parameter
+
+
+def parse_hlo(hlo_text: str) -> HloModule:
+    """Split `compiled.as_text()` into computations (the one walk both hlo_loop_totals and hlo_kernels read)."""
+    body, roots, params, entry, name = {}, {}, {}, None, None
     for line in hlo_text.splitlines():
         if match := _COMPUTATION.match(line):
             name = match.group(1)
             entry = name if line.startswith("ENTRY") else entry
-            own[name], calls[name] = {}, []
-            shapes = {p: dims(d) for p, d in _PARAM.findall(match.group(2))}
-            continue
-        if name is None or not (match := _INSTRUCTION.match(line)):
-            continue
-        result, shape, opcode, rest = match.groups()
-        if array := _ARRAY_SHAPE.match(shape):
-            shapes[result] = dims(array.group(1))
-        for key, amount in measure(result, shape, opcode, rest, shapes).items():
-            own[name][key] = own[name].get(key, 0.0) + amount
-        trips = _TRIP_COUNT.search(rest)
-        for callee in _CALLEE.findall(rest):
-            calls[name].append((callee, int(trips.group(1)) if opcode == "while" and trips else 1))
+            body[name] = []
+            params[name] = {p: dims(d) for p, d in _PARAM.findall(match.group(2))}
+        elif name is not None and (match := _INSTRUCTION.match(line)):
+            body[name].append(match.groups())
+            if line.lstrip().startswith("ROOT "):
+                roots[name] = match.groups()
+    return HloModule(entry, body, roots, params)
+
+
+def hlo_loop_totals(hlo_text: str, measure: Measure) -> dict[str, float]:
+    """Σ measure(...) over the instructions the entry computation runs: a called computation (fusion, call,
+    reducer, branch) counts once per call, a while body `known_trip_count` times (once when XLA does not know
+    the count)."""
+    module = parse_hlo(hlo_text)
+    own: dict[str, dict[str, float]] = {}
+    calls: dict[str, list[tuple[str, int]]] = {}
+    for name, instructions in module.body.items():
+        own[name], calls[name] = {}, []
+        shapes = dict(module.params[name])
+        for result, shape, opcode, rest in instructions:
+            if array := _ARRAY_SHAPE.match(shape):
+                shapes[result] = dims(array.group(1))
+            for key, amount in measure(result, shape, opcode, rest, shapes).items():
+                own[name][key] = own[name].get(key, 0.0) + amount
+            trips = _TRIP_COUNT.search(rest)
+            for callee in _CALLEE.findall(rest):
+                calls[name].append((callee, int(trips.group(1)) if opcode == "while" and trips else 1))
 
     totals: dict[str, dict[str, float]] = {}
 
@@ -110,7 +135,7 @@ def hlo_loop_totals(hlo_text: str, measure: Measure) -> dict[str, float]:
             totals[computation] = summed
         return totals[computation]
 
-    return total(entry)
+    return total(module.entry)
 
 
 def shape_bytes(shape: str) -> int:
@@ -335,18 +360,8 @@ def hlo_kernels(hlo_text: str) -> list[Kernel]:
     Bytes are those of a kernel's operands and result, except where it touches less: an operand that a fusion
     only dynamic-slices is read slice by slice (their sizes), and a dynamic-update-slice or scatter (alone or
     as a fusion's root) updates its buffer in place, reading and writing only the update."""
-    body: dict[str, list[tuple[str, str, str, str]]] = {}  # computation: (result, shape, opcode, rest)
-    roots: dict[str, tuple[str, str, str, str]] = {}
-    entry, name = None, None
-    for line in hlo_text.splitlines():
-        if match := _COMPUTATION.match(line):
-            name = match.group(1)
-            entry = name if line.startswith("ENTRY") else entry
-            body[name] = []
-        elif name is not None and (match := _INSTRUCTION.match(line)):
-            body[name].append(match.groups())
-            if line.lstrip().startswith("ROOT "):
-                roots[name] = match.groups()
+    module = parse_hlo(hlo_text)
+    body, roots = module.body, module.roots
     sizes, shapes = {}, {}
     for instructions in body.values():
         for result, shape, _, _ in instructions:
@@ -399,7 +414,7 @@ def hlo_kernels(hlo_text: str) -> list[Kernel]:
                     flops = sum(fused_flops(callee) for callee in _CALLEE.findall(rest))
                 kernels.append(Kernel(result, opcode, runs, flops, moved(result, opcode, rest)))
 
-    walk(entry, 1)
+    walk(module.entry, 1)
     return kernels
 
 
