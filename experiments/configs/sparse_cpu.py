@@ -76,17 +76,16 @@ def sparse_cpu() -> Sweep:
     base = configs.get(CPU_BASE)
     recipe = CPU_RECIPE + FINAL_EVAL
     points = []
+
+    def dense(name: str, width: int, tokens: int, twin_of: str | None) -> plan.Point:
+        kind = "twin" if twin_of else "dense"
+        overrides = _shape(width).overrides() + (("train.tokens", tokens),) + recipe
+        return plan.Point(name, CPU_BASE, overrides, {"kind": kind, "target": 0.0, "twin_of": twin_of})
+
     for width in LADDER_WIDTHS:
         for steps in LADDER_STEPS:
             tokens = steps * STEP_TOKENS
-            points.append(
-                plan.Point(
-                    f"dense_d{width}_{_tokens_tag(tokens)}",
-                    CPU_BASE,
-                    _shape(width).overrides() + (("train.tokens", tokens),) + recipe,
-                    {"kind": "dense", "target": 0.0, "twin_of": None},
-                )
-            )
+            points.append(dense(f"dense_d{width}_{_tokens_tag(tokens)}", width, tokens, None))
     tokens = SPARSE_STEPS * STEP_TOKENS
     for target in SPARSE_TARGETS:
         overrides = (
@@ -107,12 +106,5 @@ def sparse_cpu() -> Sweep:
             )
         )
         width = twin_width(base, n_avg)
-        points.append(
-            plan.Point(
-                f"twin{round(100 * target)}_d{width}_{_tokens_tag(tokens)}",
-                CPU_BASE,
-                _shape(width).overrides() + (("train.tokens", tokens),) + recipe,
-                {"kind": "twin", "target": 0.0, "twin_of": name},
-            )
-        )
+        points.append(dense(f"twin{round(100 * target)}_d{width}_{_tokens_tag(tokens)}", width, tokens, name))
     return Sweep("sparse_cpu", sparse_cpu.__doc__, tuple(points), analysis="sparse")
