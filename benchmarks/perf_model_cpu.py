@@ -17,13 +17,13 @@ JSON object: {"peak_gflops", "fresh_bandwidth_gbps", "reused_bandwidth_gbps", "m
 
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import timing
 from chinchax.model import flops
 from chinchax.parallel import hardware, perf_model
 from chinchax.parallel import mesh as mesh_lib
@@ -89,23 +89,9 @@ def compiled_step(cfg):
     return step.lower(state, batch).compile(), state, batch
 
 
-def median_step_seconds(compiled, state, batch, steps: int) -> float:
-    """The median of `steps` timed steps after two warm-up steps."""
-    times = []
-    for i in range(steps + 2):
-        start = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main(argv):
     del argv
-    unknown = set(_SHAPES.value) - set(SHAPES)
-    if unknown:
-        raise app.UsageError(f"--shapes: unknown {sorted(unknown)}; known: {', '.join(SHAPES)}")
+    timing.check_shapes(_SHAPES.value, SHAPES)
     peak = hardware.measure_matmul_peak()
     fresh, reused = hardware.measure_memory_bandwidth(), hardware.measure_memory_bandwidth(reuse=True)
     print(
@@ -127,7 +113,13 @@ def main(argv):
         got = perf_model.predict_kernels(
             perf_model.hlo_kernels(compiled.as_text()), peak, fresh, reused, step_tokens, model_flops
         )
-        measured = median_step_seconds(compiled, state, batch, _STEPS.value)
+        carried = [state]
+
+        def run(compiled=compiled, carried=carried, batch=batch):
+            carried[0], metrics = compiled(carried[0], batch)
+            jax.block_until_ready(metrics)
+
+        measured = timing.median_step_seconds(run, _STEPS.value)
         error = got.seconds / measured - 1
         results[name] = {
             "d_model": d,

@@ -12,14 +12,13 @@ object: {"peak_gflops": P, "shapes": {"a": {"ours_tokens_per_s", "peer_tokens_pe
 """
 
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import timing
 from chinchax import config
 from chinchax.model import flops
 from chinchax.parallel import hardware
@@ -47,17 +46,6 @@ def benchmark_config(d_model: int, n_layers: int, n_heads: int, vocab: int):
     return config.validate(cfg)
 
 
-def median_step_seconds(run_step, steps: int) -> float:
-    run_step()
-    run_step()  # compile / allocate, then warm
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        run_step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def time_chinchax(cfg, tokens: np.ndarray) -> float:
     step = jax.jit(train.make_train_step(cfg), donate_argnums=0)
     state = [train.init_state(cfg, jax.random.key(0))]
@@ -67,7 +55,7 @@ def time_chinchax(cfg, tokens: np.ndarray) -> float:
         state[0], metrics = step(state[0], batch)
         jax.block_until_ready(metrics["loss"])
 
-    return median_step_seconds(run, _STEPS.value)
+    return timing.median_step_seconds(run, _STEPS.value)
 
 
 def time_hf(cfg, tokens: np.ndarray) -> float:
@@ -103,14 +91,12 @@ def time_hf(cfg, tokens: np.ndarray) -> float:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
 
-    return median_step_seconds(run, _STEPS.value)
+    return timing.median_step_seconds(run, _STEPS.value)
 
 
 def main(argv):
     del argv
-    unknown = set(_SHAPES.value) - set(SHAPES)
-    if unknown:
-        raise app.UsageError(f"--shapes: unknown {sorted(unknown)}; known: {', '.join(SHAPES)}")
+    timing.check_shapes(_SHAPES.value, SHAPES)
     peak = hardware.measure_matmul_peak()
     seconds = {}
     for name in _SHAPES.value:
