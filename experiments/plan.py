@@ -38,7 +38,7 @@ from chinchax.dryrun import aot
 from chinchax.dryrun import report as dry_run
 from chinchax.model import flops
 from chinchax.parallel import mesh
-from chinchax.scaling import bootstrap, fit
+from chinchax.scaling import bootstrap, fit, fit_io
 from chinchax.scaling import plan as planner
 from experiments import cli as cli_lib  # noqa: E402
 from experiments import configs  # noqa: E402
@@ -71,7 +71,7 @@ _LAW = flags.DEFINE_string(
 MFU_GUESS = 0.4  # the first round's MFU
 BUDGET_TOLERANCE = 0.05  # stop when the point's predicted device-hours are within this fraction of the budget
 MAX_ROUNDS = 4  # then the round that comes closest (discrete shapes can make MFU jump between neighbours)
-LAW_CONSTANTS = ("A", "B", "E", "alpha", "beta")
+LAW_CONSTANTS = fit_io.CONSTANT_NAMES["chinchilla"]
 
 MARKERS = (
     "<!-- pod-table:start (python -m experiments.plan --pods --write=BUILD.md) -->",

@@ -294,6 +294,11 @@ def printable(summary: dict) -> dict:
     }
 
 
+# The constants of each parametric law, named (and ordered) as its dataclass's fields.
+CONSTANT_NAMES = {
+    law: tuple(field.name for field in dataclasses.fields(cls))
+    for law, cls in (("compute", fit.ComputeLaw), ("chinchilla", fit.ChinchillaLaw))
+}
 FORMULAS = {
     "compute": "L(C) = (C / C_c)^(-alpha) + E",
     "chinchilla": "L(N, D) = E + A / N^alpha + B / D^beta  (approach 3)",
@@ -311,9 +316,7 @@ def format_text(summary: dict) -> str:
         f"N {counting['params'] or 'not given'}{' average non-zero' * (counting.get('size') == 'avg_params')}, "
         f"C {counting['flops']})"
     ]
-    names = {"compute": ("C_c", "alpha", "E"), "chinchilla": ("A", "B", "E", "alpha", "beta")}.get(
-        summary["law"], ()
-    )
+    names = CONSTANT_NAMES.get(summary["law"], ())
     for name in names:
         interval = summary["ci"].get(name)
         ci = (

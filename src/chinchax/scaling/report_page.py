@@ -18,7 +18,7 @@ import pathlib
 import struct
 
 from chinchax import atomic
-from chinchax.scaling import fit
+from chinchax.scaling import fit, fit_io
 from chinchax.scaling.sweep import OVERHEAD_COLUMNS, SPARSITY_COLUMNS, SUMMARY_COLUMNS
 
 PAGE_NAME = "report.html"
@@ -27,13 +27,6 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Hoffmann et al. 2022, Table 2: N_opt ∝ C^a and D_opt ∝ C^b from approaches 1 and 2.
 HOFFMANN_2022_ALLOCATION = {"approach 1": (0.50, 0.50), "approach 2": (0.49, 0.51)}
 
-FORMULAS = {
-    "compute": "L(C) = (C / C_c)^(−α) + E",
-    "chinchilla": "L(N, D) = E + A / N^α + B / D^β (approach 3)",
-    "envelope": "approach 1: the least loss per C over the training curves → N_opt(C), D_opt(C)",
-    "isoflop": "approach 2: a parabola of loss vs log N per isoFLOP budget → N_opt(C), D_opt(C)",
-}
-CONSTANTS = {"compute": ("C_c", "alpha", "E"), "chinchilla": ("A", "B", "E", "alpha", "beta")}
 # fit.json fields drawn by _law_section itself; any other field goes to its key/value table.
 LAW_FIELDS = {
     "law",
@@ -292,12 +285,12 @@ def _law_section(summary: dict, figures: _Figures, unit: str | None) -> str:
     """A fitted law: formula, warnings, constants with CIs, objective and goodness, allocation, the pure power
     law beside it, figures, and every other field as key/value rows."""
     law = summary.get("law")
-    names = CONSTANTS.get(law) or tuple(summary.get("ci", {}))
+    names = fit_io.CONSTANT_NAMES.get(law) or tuple(summary.get("ci", {}))
     counting = summary.get("counting") if isinstance(summary.get("counting"), dict) else {}
     counted = ", ".join(f"{k} {v}" for k, v in counting.items() if v)
     lines = [f"<h2>Fitted law: {_e(law or 'unnamed')}{_e(f' ({counted})' if counted else '')}</h2>"]
-    if law in FORMULAS:
-        lines.append(f"<p><b>{_e(FORMULAS[law])}</b></p>")
+    if law in fit_io.FORMULAS:
+        lines.append(f"<p><b>{_e(fit_io.FORMULAS[law])}</b></p>")
     if "points" in summary:
         source = f" of <code>{_e(summary['source'])}</code>" if summary.get("source") else ""
         lines.append(
@@ -421,7 +414,7 @@ def _sparse(summary: dict, figures: _Figures) -> str:
     law = summary.get("law") or {}
     lines.append(
         f"<p>L(N, D) fitted on {_e(law.get('dense_points', '–'))} dense runs: "
-        + ", ".join(f"{_e(k)} {_e(_number(law.get(k)))}" for k in CONSTANTS["chinchilla"])
+        + ", ".join(f"{_e(k)} {_e(_number(law.get(k)))}" for k in fit_io.CONSTANT_NAMES["chinchilla"])
         + "</p>"
     )
     rmse = summary.get("rmse_log_loss") or {}
@@ -472,20 +465,20 @@ def _published(fitted: dict | None, unit: str | None) -> str:
         ours += f" (N {counting.get('params', '?')}, C {counting.get('flops', '?')})"
     compute = []  # (cells, ours?)
     if law == "compute":
-        compute.append((["this sweep", _e(ours), *_values(fitted, CONSTANTS["compute"])], True))
+        compute.append((["this sweep", _e(ours), *_values(fitted, fit_io.CONSTANT_NAMES["compute"])], True))
     compute.append(
         (
             ["Cerebras-GPT (Dey et al. 2023, Eq. 1)", "nats per GPT-2 BPE token, the Pile"]
-            + _values(vars(fit.CEREBRAS_GPT_COMPUTE_LAW), CONSTANTS["compute"], ""),
+            + _values(vars(fit.CEREBRAS_GPT_COMPUTE_LAW), fit_io.CONSTANT_NAMES["compute"], ""),
             False,
         )
     )
-    blank = ["–"] * len(CONSTANTS["chinchilla"])
+    blank = ["–"] * len(fit_io.CONSTANT_NAMES["chinchilla"])
     chinchilla = []
     allocation = fitted.get("allocation") or {}
     if law == "chinchilla":
         third = allocation.get("approach3") or {}
-        cells = ["this sweep, approach 3", _e(ours), *_values(fitted, CONSTANTS["chinchilla"])]
+        cells = ["this sweep, approach 3", _e(ours), *_values(fitted, fit_io.CONSTANT_NAMES["chinchilla"])]
         chinchilla.append((cells + _values(third, ("a", "b"), ".3f"), True))
     for approach, summary in allocation.items():
         if approach != "approach3" and isinstance(summary, dict):
@@ -497,7 +490,7 @@ def _published(fitted: dict | None, unit: str | None) -> str:
         ("Besiroglu et al. 2024, refit of approach 3", fit.BESIROGLU_2024_LAW),
     ):
         derived = [f"{published.optimal_params().exponent:.3f}", f"{published.optimal_tokens().exponent:.3f}"]
-        cells = [source, massive, *_values(vars(published), CONSTANTS["chinchilla"], "")]
+        cells = [source, massive, *_values(vars(published), fit_io.CONSTANT_NAMES["chinchilla"], "")]
         chinchilla.append((cells + [f"{x} (derived)" for x in derived], False))
     for approach, exponents in HOFFMANN_2022_ALLOCATION.items():
         cells = [f"Chinchilla (Hoffmann et al. 2022), {approach}", massive, *blank]
@@ -511,10 +504,10 @@ def _published(fitted: dict | None, unit: str | None) -> str:
             "token on MassiveText. E, A, B and C_c carry these units and are not comparable number for number; "
             "the exponents have no unit but still depend on the data and the tokenizer.</p>",
             "<h3>Compute law L(C) = (C / C_c)^(−α) + E</h3>",
-            _rows_table(("source", "units", *CONSTANTS["compute"]), compute, "published_compute"),
+            _rows_table(("source", "units", *fit_io.CONSTANT_NAMES["compute"]), compute, "published_compute"),
             "<h3>Chinchilla L(N, D) = E + A / N^α + B / D^β and its allocation</h3>",
             _rows_table(
-                ("source", "units", *CONSTANTS["chinchilla"], *allocation_header),
+                ("source", "units", *fit_io.CONSTANT_NAMES["chinchilla"], *allocation_header),
                 chinchilla,
                 "published_chinchilla",
             ),
