@@ -11,6 +11,11 @@ object: {"peak_gflops": P, "shapes": {"a": {"ours_tokens_per_s", "peer_tokens_pe
 "peer_mfu"}, …}}.
 """
 
+from chinchax import malloc
+
+if __name__ == "__main__":  # before the heavy imports: glibc reads its tunables at process start
+    malloc.keep_freed_memory()
+
 import json
 
 import jax

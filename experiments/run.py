@@ -4,6 +4,11 @@ NAME is a named scale point (chinchilla_111m … chinchilla_13b, mup_111m … mu
 config file `experiments/configs/x.py[:arg]`. With no --config the embedded CPU default trains.
 """
 
+from chinchax import malloc
+
+if __name__ == "__main__":  # before the heavy imports: glibc reads its tunables at process start
+    malloc.keep_freed_memory()
+
 import json
 
 from absl import flags, logging
