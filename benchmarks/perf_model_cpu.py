@@ -4,17 +4,25 @@
 
 It measures this machine's fp32 matmul peak and its memory bandwidth into fresh and into reused buffers once
 (chinchax.parallel.hardware), then for each shape compiles the train step as the trainer does (one device, the
-step jitted with its shardings and the state donated; batch 16, fp32, layers unrolled), predicts its time from
-the compiled HLO with chinchax.parallel.perf_model's kernel-by-kernel roofline (`predict_kernels`: per kernel
-max(FLOPs / peak, bytes / bandwidth), a loop body's later iterations at the reused-buffer bandwidth), and times
-it: the median of --steps timed steps after two warm-up steps. The shapes vary width (64–256), depth (1–6),
-vocabulary (257 bytes vs 50,304 GPT-2 ids), microbatches (1, 2), sequence length (128, 256) and attention
+step jitted with its shardings and the state donated; batch 16, fp32, layers unrolled; run, like
+experiments.run, under chinchax.malloc's kept-memory allocator), predicts its time from the compiled HLO with
+chinchax.parallel.perf_model's kernel-by-kernel roofline (`predict_kernels`: per kernel max(its matmuls' time,
+bytes / bandwidth), a loop body's later iterations at the reused-buffer bandwidth; each distinct matmul of the
+HLO, by operand dims and dimension numbers, timed once by itself with hardware.measure_dot_seconds), and times
+the step: the median of --steps timed steps after two warm-up steps. The shapes vary width (64–256), depth
+(1–6), vocabulary (257 bytes vs 50,304 GPT-2 ids), microbatches (1, 2), sequence length (128, 256) and attention
 ('xla': whole score matrix; 'auto': blockwise on CPU). The table gives the predicted and measured seconds, the
-error (predicted / measured − 1) and what bounds the prediction, then the median |error|; last on stdout, one
-JSON object: {"peak_gflops", "fresh_bandwidth_gbps", "reused_bandwidth_gbps", "median_abs_error",
+error (predicted / measured − 1), what bounds the prediction and its two terms, then the median |error|; last
+on stdout, one JSON object: {"peak_gflops", "fresh_bandwidth_gbps", "reused_bandwidth_gbps", "median_abs_error",
 "within_25_percent", "shapes": {name: {"predicted_s", "measured_s", "error", "bound", ...}}}.
 """
 
+from chinchax import malloc
+
+if __name__ == "__main__":  # before the heavy imports: glibc reads its tunables at process start
+    malloc.keep_freed_memory()
+
+import functools
 import json
 import statistics
 
@@ -94,6 +102,11 @@ def main(argv):
     timing.check_shapes(_SHAPES.value, SHAPES)
     peak = hardware.measure_matmul_peak()
     fresh, reused = hardware.measure_memory_bandwidth(), hardware.measure_memory_bandwidth(reuse=True)
+
+    @functools.cache
+    def dot_seconds(dot: perf_model.Dot) -> float:
+        return hardware.measure_dot_seconds(dot.lhs, dot.rhs, dot.dimension_numbers)
+
     print(
         f"{jax.devices()[0].device_kind}: fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, memory bandwidth "
         f"{fresh / 1e9:.2f} GB/s into fresh buffers, {reused / 1e9:.2f} GB/s into reused ones (measured in this "
@@ -111,7 +124,13 @@ def main(argv):
         step_tokens = BATCH * seq
         model_flops = flops.flops_per_token(cfg.model, seq) * step_tokens
         got = perf_model.predict_kernels(
-            perf_model.hlo_kernels(compiled.as_text()), peak, fresh, reused, step_tokens, model_flops
+            perf_model.hlo_kernels(compiled.as_text()),
+            dot_seconds,
+            fresh,
+            reused,
+            peak,
+            step_tokens,
+            model_flops,
         )
         carried = [state]
 

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -423,6 +424,39 @@ def test_kernels_of_a_module_by_hand():
         "i.1": ("add", 16, 0.0, 3 * index),
         "copy": ("copy", 1, 0.0, 2 * x),
     }
+    dots = {k.name: k.dots for k in perf_model.hlo_kernels(LOOP_HLO) if k.dots}
+    assert dots == {"y": (perf_model.Dot((4, 16), (16, 32), (((1,), (0,)), ((), ()))),)}
+
+
+def _free(rhs, dimension_numbers) -> int:
+    """The product of rhs's dims that are neither contracted nor batch dims."""
+    (_, contracting), (_, batch) = dimension_numbers
+    return int(np.prod([d for i, d in enumerate(rhs) if i not in contracting + batch]))
+
+
+def test_a_matmul_is_timed_as_a_plain_jitted_matmul_takes():
+    """measure_dot_seconds against a hand timing (best of 9 jitted calls) of the same product, for a large matmul
+    (timed call by call) and a small batched one (timed in a loop): within a factor 2 of it, and never faster
+    than the large matmul's rate."""
+    rng = np.random.default_rng(0)
+
+    def by_hand(subscripts, lhs, rhs):
+        a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (lhs, rhs))
+        product = jax.jit(lambda a, b: jnp.einsum(subscripts, a, b))
+        product(a, b).block_until_ready()
+        times = []
+        for _ in range(9):
+            start = time.perf_counter()
+            product(a, b).block_until_ready()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    large = hardware.measure_dot_seconds((1024, 512), (768, 512), (((1,), (1,)), ((), ())))
+    assert 0.5 < large / by_hand("mk,nk->mn", (1024, 512), (768, 512)) < 2
+    small = hardware.measure_dot_seconds((64, 96, 32), (64, 128, 32), (((2,), (2,)), ((0,), (0,))))
+    hand = by_hand("bqd,bkd->bqk", (64, 96, 32), (64, 128, 32))
+    assert 0.5 < small / hand < 2
+    assert small / (2 * 64 * 96 * 128 * 32) > 0.9 * large / (2 * 1024 * 512 * 768)
 
 
 def test_cpu_prediction_is_the_kernel_roofline_of_the_compiled_step():
@@ -439,17 +473,25 @@ def test_cpu_prediction_is_the_kernel_roofline_of_the_compiled_step():
     assert sum(k.runs * k.flops for k in kernels) == pytest.approx(aot.hlo_matmul_flops(hlo.as_text()))
     assert max(k.runs for k in kernels) >= cfg.train.microbatches * cfg.model.n_layers
 
+    for k in kernels:  # each kernel's matmuls, read with their operand dims, hold its FLOPs
+        assert sum(2 * np.prod(d.lhs) * _free(d.rhs, d.dimension_numbers) for d in k.dots) == k.flops
+
     peak, fresh, reused = 4e11, 1.5e10, 6e10
-    first = [max(k.flops / peak, k.bytes / fresh) for k in kernels]
-    later = [(k.runs - 1) * max(k.flops / peak, k.bytes / reused) for k in kernels]
-    got = perf_model.predict_kernels(kernels, peak, fresh, reused, 16 * 64, 1e9)
+    # a matmul's time: its FLOPs at half the peak when its rhs is a matrix, at the peak otherwise
+    seconds = {d: d.flops / (peak / 2 if len(d.rhs) == 2 else peak) for k in kernels for d in k.dots}
+    compute = [sum(seconds[d] for d in k.dots) for k in kernels]
+    first = [max(c, k.bytes / fresh) for c, k in zip(compute, kernels, strict=True)]
+    later = [(k.runs - 1) * max(c, k.bytes / reused) for c, k in zip(compute, kernels, strict=True)]
+    got = perf_model.predict_kernels(kernels, seconds.get, fresh, reused, peak, 16 * 64, 1e9)
     assert got.seconds == pytest.approx(sum(first) + sum(later), rel=1e-12)
-    assert got.compute_seconds == pytest.approx(sum(k.runs * k.flops for k in kernels) / peak)
+    assert got.compute_seconds == pytest.approx(
+        sum(k.runs * c for c, k in zip(compute, kernels, strict=True))
+    )
     assert got.memory_seconds == pytest.approx(
         sum(k.bytes / fresh + (k.runs - 1) * k.bytes / reused for k in kernels)
     )
     assert got.collective_seconds == {} and got.bound in ("compute", "memory")
     assert got.mfu == pytest.approx(1e9 / (got.seconds * peak))
     assert got.tokens_per_second == pytest.approx(16 * 64 / got.seconds)
-    slow = perf_model.predict_kernels(kernels, 1e6, fresh, reused, 16 * 64, 1e9)  # a peak of 1 MFLOP/s
+    slow = perf_model.predict_kernels(kernels, lambda d: d.flops / 1e6, fresh, reused, peak, 16 * 64, 1e9)
     assert slow.bound == "compute" and slow.seconds >= slow.compute_seconds

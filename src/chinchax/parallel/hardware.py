@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import platform
 import statistics
@@ -129,6 +130,43 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
         matmul(a).block_until_ready()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def measure_dot_seconds(
+    lhs: tuple[int, ...], rhs: tuple[int, ...], dimension_numbers, repeats: int = 5, loop_flops: float = 2e8
+) -> float:
+    """Seconds one fp32 `jax.lax.dot_general(lhs, rhs, dimension_numbers)` of these operand dims takes on the
+    default device: the median of `repeats` timed calls of the jitted matmul. A matmul of fewer than
+    `loop_flops` FLOPs is timed as a jitted loop of enough of them to make that many (each iteration writes one
+    element of the previous product into its lhs, so none can be skipped), per iteration, so that the call's
+    dispatch does not count."""
+    flops = (
+        2.0
+        * math.prod(lhs)
+        * math.prod(
+            d for i, d in enumerate(rhs) if i not in dimension_numbers[0][1] + dimension_numbers[1][1]
+        )
+    )
+    iterations = max(1, min(1000, int(loop_flops // flops)))
+    first = (0,) * len(lhs)
+
+    def body(_, a, b):
+        product = jax.lax.dot_general(a, b, dimension_numbers)
+        return a.at[first].set(1e-3 * product.reshape(-1)[0])
+
+    if iterations == 1:
+        call = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers))
+    else:
+        call = jax.jit(lambda a, b: jax.lax.fori_loop(0, iterations, lambda i, a: body(i, a, b), a))
+    a = jax.random.normal(jax.random.key(0), lhs, jnp.float32)
+    b = jax.random.normal(jax.random.key(1), rhs, jnp.float32)
+    call(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call(a, b).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) / iterations
 
 
 def measure_memory_bandwidth(elements: int = 2**26, repeats: int = 9, reuse: bool = False) -> float:

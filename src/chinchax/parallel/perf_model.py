@@ -28,17 +28,18 @@ overlap each other, collectives overlap nothing, so step = max(compute, memory) 
 
 On a CPU (one device, no collectives) the step is predicted kernel by kernel instead (`predict_kernels`): XLA:CPU
 runs the kernels of a compiled module one after another, each a fusion, a matmul or a lone op. So each kernel
-takes the roofline time of its own work, max(its matmul FLOPs / peak, the bytes it reads and writes / memory
+takes the roofline time of its own work, max(the time of its matmuls, the bytes it reads and writes / memory
 bandwidth), and the step is their sum. `hlo_kernels` reads the kernels from the compiled HLO (how often each
-runs: the trip counts of the loops around it; bytes: its operands and result). The bandwidth depends on where
-a kernel writes: the buffers of a step are allocated afresh each run, and writing pages for the first time
-costs the operating system's faults, so a kernel's first run moves bytes at the bandwidth of an elementwise
-pass into a fresh buffer, while a loop body (microbatches, blockwise attention) writes from its second
-iteration on into buffers it already wrote, at the bandwidth of a pass into a reused buffer:
-step = Σ_kernels max(FLOPs / peak, bytes / fresh) + (runs − 1) · max(FLOPs / peak, bytes / reused).
-The peak (fp32 matmul) and both bandwidths are measured on the machine (chinchax.parallel.hardware); nothing
-is fitted to step times. Small matmuls run below the peak (so matmul-heavy shapes err low), and a kernel whose
-operands stay in cache moves less than its bytes (so many small kernels err high).
+runs: the trip counts of the loops around it; bytes: its operands and result; its matmuls as `Dot`s: operand
+dims and dimension numbers). A matmul's time is measured on the machine, each distinct Dot once by itself
+(hardware.measure_dot_seconds): the small and oddly shaped matmuls of a small model run far below the fp32 peak
+(a 64-wide layer's at a third of it), so FLOPs / peak would err low by up to half. The bandwidth depends on
+where a kernel writes: a kernel's first run in a step writes buffers allocated for this run, at the bandwidth
+of an elementwise pass into a fresh buffer, while a loop body (microbatches, blockwise attention) writes from
+its second iteration on into buffers it already wrote, at the bandwidth of a pass into a reused buffer:
+step = Σ_kernels max(matmuls, bytes / fresh) + (runs − 1) · max(matmuls, bytes / reused).
+Both bandwidths are measured too (chinchax.parallel.hardware); nothing is fitted to step times. What the model
+leaves out — each kernel's launch, and kernels XLA runs side by side on the cores — makes it err low.
 """
 
 from __future__ import annotations
@@ -328,6 +329,24 @@ class Kernel:
     runs: int  # times a step runs it (the trip counts of the loops around it)
     flops: float  # matmul FLOPs per run (2 · output · contraction of each dot it holds)
     bytes: float  # bytes read and written per run
+    dots: tuple[Dot, ...] = ()  # the matmuls it holds
+
+
+@dataclasses.dataclass(frozen=True)
+class Dot:
+    """One matmul of a compiled module: its operands' dims and its dimension numbers as `jax.lax.dot_general`
+    takes them, ((lhs contracting, rhs contracting), (lhs batch, rhs batch))."""
+
+    lhs: tuple[int, ...]
+    rhs: tuple[int, ...]
+    dimension_numbers: tuple[tuple[tuple[int, ...], tuple[int, ...]], tuple[tuple[int, ...], tuple[int, ...]]]
+
+    @property
+    def flops(self) -> float:
+        """2 · output elements · contraction size."""
+        (lhs_contracting, _), (lhs_batch, rhs_batch) = self.dimension_numbers
+        rhs_free = [d for i, d in enumerate(self.rhs) if i not in rhs_batch + self.dimension_numbers[0][1]]
+        return 2.0 * math.prod(self.lhs) * math.prod(rhs_free)
 
 
 # instructions that launch nothing and move nothing, and those whose callees run as kernels of their own
@@ -341,6 +360,20 @@ def dot_flops(rest: str, out: tuple[int, ...], shapes: dict[str, tuple[int, ...]
     contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
     k = math.prod(lhs[i] for i in dims(contracting.group(1))) if contracting else 1
     return 2.0 * math.prod(out) * k
+
+
+def _dot(rest: str, shapes: dict[str, tuple[int, ...]]) -> Dot:
+    """The Dot of a dot instruction's operands-and-attributes text."""
+
+    def numbers(name: str) -> tuple[int, ...]:
+        found = re.search(name + r"=\{([\d,]*)\}", rest)
+        return dims(found.group(1)) if found else ()
+
+    lhs, rhs = _operands(rest)[:2]
+    contracting = (numbers("lhs_contracting_dims"), numbers("rhs_contracting_dims"))
+    return Dot(
+        shapes[lhs], shapes[rhs], (contracting, (numbers("lhs_batch_dims"), numbers("rhs_batch_dims")))
+    )
 
 
 def _operands(rest: str) -> list[str]:
@@ -363,17 +396,20 @@ def hlo_kernels(hlo_text: str) -> list[Kernel]:
     module = parse_hlo(hlo_text)
     body, roots = module.body, module.roots
     sizes, shapes = {}, {}
-    for instructions in body.values():
+    for computation, instructions in body.items():
+        shapes.update(module.params[computation])
         for result, shape, _, _ in instructions:
             sizes[result] = shape_bytes(shape)
             if array := _ARRAY_SHAPE.match(shape):
                 shapes[result] = dims(array.group(1))
 
-    def fused_flops(computation: str) -> float:
-        return sum(
-            dot_flops(rest, shapes[result], shapes) if opcode == "dot" else 0.0
-            for result, _, opcode, rest in body[computation]
-        ) + sum(fused_flops(callee) for *_, rest in body[computation] for callee in _CALLEE.findall(rest))
+    def fused_dots(computation: str) -> list[Dot]:
+        return [_dot(rest, shapes) for _, _, opcode, rest in body[computation] if opcode == "dot"] + [
+            dot
+            for *_, rest in body[computation]
+            for callee in _CALLEE.findall(rest)
+            for dot in fused_dots(callee)
+        ]
 
     def moved(result: str, opcode: str, rest: str) -> float:
         """Bytes a kernel reads and writes."""
@@ -409,10 +445,11 @@ def hlo_kernels(hlo_text: str) -> list[Kernel]:
                 for callee in _CALLEE.findall(rest):
                     walk(callee, runs * times)
             elif opcode not in _NO_KERNEL:
-                flops = dot_flops(rest, shapes[result], shapes) if opcode == "dot" else 0.0
+                dots = [_dot(rest, shapes)] if opcode == "dot" else []
                 if opcode == "fusion":
-                    flops = sum(fused_flops(callee) for callee in _CALLEE.findall(rest))
-                kernels.append(Kernel(result, opcode, runs, flops, moved(result, opcode, rest)))
+                    dots = [dot for callee in _CALLEE.findall(rest) for dot in fused_dots(callee)]
+                flops = sum(dot.flops for dot in dots)
+                kernels.append(Kernel(result, opcode, runs, flops, moved(result, opcode, rest), tuple(dots)))
 
     walk(module.entry, 1)
     return kernels
@@ -420,21 +457,23 @@ def hlo_kernels(hlo_text: str) -> list[Kernel]:
 
 def predict_kernels(
     kernels: list[Kernel],
-    peak_flops: float,
+    dot_seconds: Callable[[Dot], float],
     fresh_bandwidth: float,
     reused_bandwidth: float,
+    peak_flops: float,
     tokens_per_step: int,
     model_flops_per_step: float,
 ) -> Prediction:
     """The step time of one device running `kernels` one after another (the module docstring's CPU model): per
-    kernel max(flops / peak_flops, bytes / fresh_bandwidth) for its first run and max(flops / peak_flops,
-    bytes / reused_bandwidth) for each later one, in FLOP/s and bytes/s, summed. compute_seconds and
-    memory_seconds are the two terms summed over every run of every kernel; bound is 'compute' when the runs
-    bound by compute take longer in all than those bound by memory, else 'memory'."""
+    kernel max(Σ dot_seconds over its matmuls, bytes / fresh_bandwidth) for its first run and the same with
+    reused_bandwidth for each later one, in seconds and bytes/s, summed. compute_seconds and memory_seconds are
+    the two terms summed over every run of every kernel; bound is 'compute' when the runs bound by their
+    matmuls take longer in all than those bound by memory, else 'memory'; MFU is against peak_flops."""
     bound_by = {"compute": 0.0, "memory": 0.0}
-    memory_seconds = 0.0
+    compute_seconds = memory_seconds = 0.0
     for k in kernels:
-        compute = k.flops / peak_flops
+        compute = sum(dot_seconds(dot) for dot in k.dots)
+        compute_seconds += k.runs * compute
         for memory, runs in ((k.bytes / fresh_bandwidth, 1), (k.bytes / reused_bandwidth, k.runs - 1)):
             bound_by["compute" if compute > memory else "memory"] += runs * max(compute, memory)
             memory_seconds += runs * memory
@@ -442,7 +481,7 @@ def predict_kernels(
     return Prediction(
         seconds=seconds,
         bound=max(bound_by, key=bound_by.get),
-        compute_seconds=sum(k.runs * k.flops for k in kernels) / peak_flops,
+        compute_seconds=compute_seconds,
         memory_seconds=memory_seconds,
         collective_seconds={},
         mfu=model_flops_per_step / (seconds * peak_flops),
