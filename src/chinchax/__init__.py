@@ -4,6 +4,7 @@ The folders, bottom to top; each may import only those above it in this list (it
 
     config.py, parametrization.py   the config schema; SP / μP as one table
     atomic.py                       write-then-rename, for every file a run or a sweep writes
+    malloc.py                       glibc's allocator told to keep freed memory (entry points only)
     data/                           tokenizers, corpora, the token store, the grain loader
     model/                          the GPT, FLOP counts, KV-cache sampling
     parallel/                       devices, presets, the mesh and its rules, multi-host, the memory plan

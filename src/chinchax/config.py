@@ -69,7 +69,7 @@ SCHEMA: dict[str, tuple[object, str]] = {
     "sparsity.end_fraction": (0.75, "Fraction of the run's compute spent before the last event (unused by one_shot)."),
     "sparsity.every": (100, "Optimizer steps between pruning events."),
     # The device mesh (chinchax.parallel.mesh): a cluster preset, optionally with its axis sizes overridden.
-    "mesh.preset": ("cpu", "Cluster preset (chinchax.parallel.mesh.PRESETS): cpu, gpu-8, gpu-h200-8, gpu-a100-8, gpu-8xN, tpu-v5e-N, tpu-v5p-N, tpu-v4-N, wse-N."),
+    "mesh.preset": ("cpu", "Cluster preset (chinchax.parallel.mesh.PRESETS): cpu, gpu-8, gpu-h200-8, gpu-a100-8, gpu-8xN, gpu-a100-8xN, tpu-v5e-N, tpu-v5p-N, tpu-v4-N, wse-N."),
     "mesh.data": (0, "Replicas on the 'data' mesh axis; 0 keeps the preset's size."),
     "mesh.fsdp": (0, "Parameter/optimizer-state shards on the 'fsdp' axis (weight streaming); 0: the preset's."),
     "mesh.tensor": (0, "Tensor-parallel shards (heads, mlp) on the 'tensor' axis; 0 keeps the preset's size."),

@@ -70,6 +70,8 @@ PRESETS: dict[str, Preset] = {
     "gpu-a100-8": Preset("one 8×A100 80 GB node: FSDP 4 × tensor 2", D["a100"], 8, (1, REST, 2), ("vocab",)),
     "gpu-8xN":    Preset("N 8×H100 nodes: data parallel across nodes, FSDP 4 × tensor 2 within each",
                          D["h100"], None, (REST, 4, 2), ("vocab",), devices_per_n=8),
+    "gpu-a100-8xN": Preset("N 8×A100 80 GB nodes: data parallel across nodes, FSDP 4 × tensor 2 within each",
+                           D["a100"], None, (REST, 4, 2), ("vocab",), devices_per_n=8),
     "tpu-v5e-N":  Preset("a TPU v5e slice of N chips: FSDP N/2 × tensor 2", D["tpu-v5e"], None, (1, REST, 2),
                          ("vocab",)),
     "tpu-v5p-N":  Preset("a TPU v5p slice of N chips (GCP type v5p-2N): FSDP over N", D["tpu-v5p"], None,
