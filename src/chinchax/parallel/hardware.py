@@ -140,24 +140,18 @@ def measure_dot_seconds(
     `loop_flops` FLOPs is timed as a jitted loop of enough of them to make that many (each iteration writes one
     element of the previous product into its lhs, so none can be skipped), per iteration, so that the call's
     dispatch does not count."""
-    flops = (
-        2.0
-        * math.prod(lhs)
-        * math.prod(
-            d for i, d in enumerate(rhs) if i not in dimension_numbers[0][1] + dimension_numbers[1][1]
-        )
-    )
+    (_, contracting), (_, batch) = dimension_numbers
+    flops = 2.0 * math.prod(lhs) * math.prod(d for i, d in enumerate(rhs) if i not in contracting + batch)
     iterations = max(1, min(1000, int(loop_flops // flops)))
     first = (0,) * len(lhs)
 
-    def body(_, a, b):
-        product = jax.lax.dot_general(a, b, dimension_numbers)
-        return a.at[first].set(1e-3 * product.reshape(-1)[0])
+    def loop(a, b):
+        def body(_, a):
+            return a.at[first].set(1e-3 * jax.lax.dot_general(a, b, dimension_numbers).reshape(-1)[0])
 
-    if iterations == 1:
-        call = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dimension_numbers))
-    else:
-        call = jax.jit(lambda a, b: jax.lax.fori_loop(0, iterations, lambda i, a: body(i, a, b), a))
+        return jax.lax.fori_loop(0, iterations, body, a)
+
+    call = jax.jit(loop if iterations > 1 else lambda a, b: jax.lax.dot_general(a, b, dimension_numbers))
     a = jax.random.normal(jax.random.key(0), lhs, jnp.float32)
     b = jax.random.normal(jax.random.key(1), rhs, jnp.float32)
     call(a, b).block_until_ready()

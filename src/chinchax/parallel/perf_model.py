@@ -344,8 +344,8 @@ class Dot:
     @property
     def flops(self) -> float:
         """2 · output elements · contraction size."""
-        (lhs_contracting, _), (lhs_batch, rhs_batch) = self.dimension_numbers
-        rhs_free = [d for i, d in enumerate(self.rhs) if i not in rhs_batch + self.dimension_numbers[0][1]]
+        (_, rhs_contracting), (_, rhs_batch) = self.dimension_numbers
+        rhs_free = [d for i, d in enumerate(self.rhs) if i not in rhs_contracting + rhs_batch]
         return 2.0 * math.prod(self.lhs) * math.prod(rhs_free)
 
 
