@@ -65,13 +65,16 @@ def main(argv):
         cfg.mesh.preset = _MESH.value
     cfg = config_lib.validate(cfg)
     if _DRY_RUN.value:
-        pod = cfg.mesh.preset != "cpu"
-        if pod:  # lower and compile the real step against a virtual mesh of the preset's size
+        if (
+            cfg.mesh.preset != "cpu"
+        ):  # lower and compile the real step against a virtual mesh of the preset's size
             aot.use_virtual_devices(mesh.preset(cfg.mesh.preset).devices or 1)
         report, resolved = dry_run.report(cfg)
-        if pod:
-            report = dry_run.add_xla(report, aot.compile_plan(resolved))
-        report = dry_run.add_prediction(report, resolved)
+        hlo = None
+        if cfg.mesh.preset != "cpu" or report["fits"]:  # a step this machine cannot hold is not compiled here
+            step = aot.compile_step(resolved)
+            report, hlo = dry_run.add_xla(report, aot.analysis(step)), step.compiled.as_text()
+        report = dry_run.add_prediction(report, resolved, hlo)
         print(dry_run.format_plan(report))
         print(json.dumps(report))
         return

@@ -230,15 +230,60 @@ def test_dry_run_prediction_is_the_roofline_of_the_compiled_step(predicted):
     assert f"step time        {p['step_seconds']:.3g} s predicted" in dry_run.format_plan(report)
 
 
-def test_prediction_says_why_it_is_unavailable():
-    cfg = _tiny()  # the cpu preset: no bandwidths in the device table, and nothing compiled
+def test_prediction_says_why_it_is_unavailable(monkeypatch):
+    cfg = _tiny()  # the cpu preset: nothing compiled, then a compiled step but on 8 devices sharing the CPU
     report, resolved = dry_run.report(cfg, devices=1)
     got = dry_run.add_prediction(report, resolved)["prediction"]
-    assert "memory bandwidth" in got["unavailable"] and "host CPU" in got["unavailable"]
-    cfg.mesh.preset = "wse-8"  # CS-2: no peak FLOP/s in the table
+    assert got == {
+        "unavailable": "the CPU model predicts one compiled local device's step (no compiled step)"
+    }
+    report, resolved = dry_run.report(cfg, devices=8)
+    got = dry_run.add_prediction(report, resolved, "HloModule m")["prediction"]
+    assert "(8 devices share this CPU)" in got["unavailable"]
+    # a device the table has no peak for (as a new row might), and a pod step that was not compiled
+    peakless = dataclasses.replace(hardware.DEVICES["cs2"], peak_flops=None)
+    monkeypatch.setitem(
+        mesh_lib.PRESETS, "wse-N", dataclasses.replace(mesh_lib.PRESETS["wse-N"], device=peakless)
+    )
+    cfg.mesh.preset = "wse-8"
     report, resolved = dry_run.report(cfg)
     assert (
         "train.peak_flops_per_device" in dry_run.add_prediction(report, resolved)["prediction"]["unavailable"]
+    )
+    monkeypatch.undo()
+    report, resolved = dry_run.report(cfg)
+    assert (
+        "the step was not compiled" in dry_run.add_prediction(report, resolved)["prediction"]["unavailable"]
+    )
+
+
+def test_cpu_dry_run_predicts_the_compiled_step_kernel_by_kernel(monkeypatch):
+    """On the cpu preset the prediction is Σ over the compiled step's kernels of max(their matmuls' time, bytes
+    over the bandwidth): with the machine's measurements replaced by known figures, equal to that sum by hand;
+    days from the tokens to train at the predicted rate."""
+    monkeypatch.setattr(hardware, "measure_memory_bandwidth", lambda reuse=False: 6e10 if reuse else 1.5e10)
+    monkeypatch.setattr(
+        hardware, "measure_dot_seconds", lambda lhs, rhs, numbers: 1e-9 * (sum(lhs) + sum(rhs))
+    )
+    cfg = _tiny()
+    cfg.train.peak_flops_per_device = 4e11
+    report, resolved = dry_run.report(cfg, devices=1)
+    step = aot.compile_step(resolved, devices=1)
+    got = dry_run.add_prediction(report, resolved, step.compiled.as_text())["prediction"]
+
+    kernels = perf_model.hlo_kernels(step.compiled.as_text())
+    by_hand = 0.0
+    for k in kernels:
+        matmuls = sum(1e-9 * (sum(d.lhs) + sum(d.rhs)) for d in k.dots)
+        by_hand += max(matmuls, k.bytes / 1.5e10) + (k.runs - 1) * max(matmuls, k.bytes / 6e10)
+    assert got["step_seconds"] == pytest.approx(by_hand, rel=1e-12)
+    tokens_per_second = 16 * 64 / by_hand
+    assert got["tokens_per_second"] == pytest.approx(tokens_per_second)
+    assert got["mfu"] == pytest.approx(report["flops_per_token"] * tokens_per_second / 4e11)
+    assert got["days"] == pytest.approx(report["tokens"] / tokens_per_second / 86400)
+    assert got["peak_source"] == "configured" and got["kernels"] == sum(k.runs for k in kernels)
+    assert f"step time        {got['step_seconds']:.3g} s predicted" in dry_run.format_plan(
+        {**report, "prediction": got}
     )
 
 

@@ -11,6 +11,7 @@ analytic count (chinchax.model.flops also counts matmuls only).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -63,17 +64,31 @@ def _devices(preset_devices: int | None, devices: int | Sequence[jax.Device] | N
     return jax.devices()[:wanted]
 
 
-def compile_plan(
+@dataclasses.dataclass(frozen=True)
+class CompiledStep:
+    """A train step compiled for a mesh, with what its analysis reads."""
+
+    cfg: ml_collections.ConfigDict  # the config it compiled, with the preset it compiled for
+    mesh: jax.sharding.Mesh
+    micro: int  # sequences per microbatch as planned
+    padded: int  # sequences per microbatch as compiled (padded to split over data × fsdp)
+    state: object  # the sharded state's ShapeDtypeStructs
+    compiled: jax.stages.Compiled
+    lower_seconds: float
+    compile_seconds: float
+
+
+def compile_step(
     cfg: ml_collections.ConfigDict,
     preset: str | None = None,
     devices: int | Sequence[jax.Device] | None = None,
-) -> dict:
+) -> CompiledStep:
     """Lower and compile cfg's train step on a mesh (`preset` replaces cfg.mesh.preset; cfg.mesh's axis
-    overrides still apply) and report what XLA says.
+    overrides still apply), allocating nothing.
 
     devices: a list, a count (the first n visible devices) or None (the preset's count, else all visible).
     A microbatch that does not split over data × fsdp is padded up with rows that carry no loss, as training
-    pads it (reported as `padded_microbatch`).
+    pads it.
     """
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     cfg.mesh.preset = preset or cfg.mesh.preset
@@ -93,8 +108,26 @@ def compile_plan(
     lowered = step.lower(state, {"inputs": tokens, "targets": tokens})
     lowered_at = time.perf_counter()
     compiled = lowered.compile()
-    compiled_at = time.perf_counter()
+    return CompiledStep(
+        cfg, mesh, micro, padded, state, compiled, lowered_at - start, time.perf_counter() - lowered_at
+    )
 
+
+def compile_plan(
+    cfg: ml_collections.ConfigDict,
+    preset: str | None = None,
+    devices: int | Sequence[jax.Device] | None = None,
+) -> dict:
+    """compile_step(cfg, preset, devices), then what XLA says of it (`analysis`)."""
+    return analysis(compile_step(cfg, preset, devices))
+
+
+def analysis(step: CompiledStep) -> dict:
+    """What XLA says of a compiled step: memory per device, matmul FLOPs, collective bytes per mesh axis
+    (a padded microbatch is reported as `padded_microbatch`)."""
+    cfg, mesh, compiled, micro, padded = step.cfg, step.mesh, step.compiled, step.micro, step.padded
+    microbatches = cfg.train.batch_size // micro
+    devices = mesh.devices.size
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -111,7 +144,7 @@ def compile_plan(
     return {
         "preset": cfg.mesh.preset,
         "shape": dict(mesh.shape),
-        "devices": len(devices),
+        "devices": devices,
         "remat": cfg.model.remat,
         "batch": {"microbatches": microbatches, "sequences": padded, "seq_len": cfg.data.seq_len},
         "padded_microbatch": None if padded == micro else {"from": micro, "to": padded},
@@ -123,20 +156,20 @@ def compile_plan(
             "temporaries": memory.temp_size_in_bytes,
             "generated_code": memory.generated_code_size_in_bytes,
         },
-        "state_bytes_per_device": state_bytes_per_device(state),
+        "state_bytes_per_device": state_bytes_per_device(step.state),
         "flops_per_step": {
             "xla_cost_analysis_per_device": float(cost.get("flops", float("nan"))),
             "xla_matmul_per_device": matmul_per_device,
-            "xla_matmul_total": matmul_per_device * len(devices),
+            "xla_matmul_total": matmul_per_device * devices,
             "analytic": float(analytic),
-            "xla_over_analytic": matmul_per_device * len(devices) / analytic,
+            "xla_over_analytic": matmul_per_device * devices / analytic,
             "note": "cost_analysis counts each scanned layer once (per device); xla_matmul multiplies "
             "dots by loop trip counts. With remat the backward pass recomputes each block's forward "
             "(block matmuls ×4/3); replicated axes (e.g. vocab under tensor parallelism) compute twice.",
         },
         "collective_bytes_per_device": perf_model.collective_bytes(hlo, dict(mesh.shape)),
-        "lower_seconds": lowered_at - start,
-        "compile_seconds": compiled_at - lowered_at,
+        "lower_seconds": step.lower_seconds,
+        "compile_seconds": step.compile_seconds,
     }
 
 

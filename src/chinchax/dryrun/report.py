@@ -9,13 +9,14 @@ matmul FLOPs of the compiled step, memory from the analytic traffic estimate, co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import ml_collections
 
 from chinchax.model import flops, gpt
-from chinchax.parallel import memory_plan, mesh, perf_model
+from chinchax.parallel import hardware, memory_plan, mesh, perf_model
 
 GiB = 2**30
 DAY = 86400.0
@@ -26,6 +27,13 @@ ASSUMPTIONS = (
     "scanned layer once) at the memory bandwidth; collectives = bytes from the compiled HLO at their axis's link "
     "(compiled on CPU, which sums gradients with all-reduce where a GPU compile reduce-scatters); days = tokens / "
     "tokens per second at the first batch size"
+)
+
+CPU_ASSUMPTIONS = (
+    "one device runs the step's kernels one after another (chinchax.parallel.perf_model's CPU model): each kernel "
+    "max(its matmuls' time, bytes / bandwidth), matmuls timed one by one on this machine, a kernel's first run at "
+    "the bandwidth into fresh buffers and a loop body's later runs at that into reused ones; kernel launches and "
+    "kernels run side by side are left out, so it errs low (benchmarks.perf_model_cpu: 9 shapes, −5 … −21%)"
 )
 
 
@@ -84,11 +92,15 @@ def add_xla(report: dict, aot_plan: dict) -> dict:
     return {**report, "aot": aot_plan, "per_device_memory_bytes": xla, "fits": fits}
 
 
-def add_prediction(report: dict, resolved: ml_collections.ConfigDict) -> dict:
+def add_prediction(report: dict, resolved: ml_collections.ConfigDict, hlo_text: str | None = None) -> dict:
     """The report with the performance model's prediction under `prediction` (step seconds, what bounds it, MFU,
     tokens/s, days and device-hours to train), from its compiled step (`add_xla`); {'unavailable': why} when the
-    step was not compiled or the device table lacks a peak, a memory bandwidth or a link for the device."""
+    step was not compiled or the device table lacks a peak, a memory bandwidth or a link for the device. On the
+    cpu preset the step's compiled HLO (`hlo_text`) is predicted kernel by kernel on this machine instead
+    (`cpu_prediction`)."""
     device = mesh.preset(resolved.mesh.preset).device
+    if device.platform == "cpu":
+        return {**report, "prediction": cpu_prediction(report, resolved, hlo_text)}
     sizes = report["mesh"]["shape"]
     peak = resolved.train.peak_flops_per_device or device.peak_flops
     missing = [
@@ -153,6 +165,53 @@ def add_prediction(report: dict, resolved: ml_collections.ConfigDict) -> dict:
         "assumptions": ASSUMPTIONS,
     }
     return {**report, "prediction": prediction}
+
+
+def cpu_prediction(report: dict, resolved: ml_collections.ConfigDict, hlo_text: str | None) -> dict:
+    """The CPU model's prediction of one local device's step (perf_model.predict_kernels): each distinct matmul
+    of the compiled step and the memory bandwidth timed on this machine now, the peak measured once per machine;
+    {'unavailable': why} without a compiled step or with more than one device (they would share the cores)."""
+    devices = math.prod(report["mesh"]["shape"].values())
+    if hlo_text is None or devices != 1:
+        why = f"{devices} devices share this CPU" if hlo_text else "no compiled step"
+        why = "the step does not fit this machine, so it was not compiled" if not report["fits"] else why
+        return {"unavailable": f"the CPU model predicts one compiled local device's step ({why})"}
+    peak, peak_source = hardware.peak_flops_per_device(resolved.train.peak_flops_per_device)
+    fresh, reused = hardware.measure_memory_bandwidth(), hardware.measure_memory_bandwidth(reuse=True)
+
+    @functools.cache
+    def dot_seconds(dot: perf_model.Dot) -> float:
+        return hardware.measure_dot_seconds(dot.lhs, dot.rhs, dot.dimension_numbers)
+
+    kernels = perf_model.hlo_kernels(hlo_text)
+    step_tokens = resolved.train.batch_size * resolved.data.seq_len
+    got = perf_model.predict_kernels(
+        kernels, dot_seconds, fresh, reused, peak, step_tokens, report["flops_per_token"] * step_tokens
+    )
+    if got.bound == "compute":
+        detail = f"compute: {len({d for k in kernels for d in k.dots})} distinct matmuls, each timed here"
+    else:
+        detail = (
+            f"memory: {fresh / 1e9:.0f} GB/s into fresh buffers, {reused / 1e9:.0f} GB/s into reused ones"
+        )
+    days = report["tokens"] / got.tokens_per_second / DAY
+    return {
+        "step_seconds": got.seconds,
+        "bound": got.bound,
+        "bound_detail": detail,
+        "mfu": got.mfu,
+        "tokens_per_second": got.tokens_per_second,
+        "days": days,
+        "device_hours": days * 24,
+        "compute_seconds": got.compute_seconds,
+        "memory_seconds": got.memory_seconds,
+        "collective_seconds": {},
+        "bandwidths": {"fresh": fresh, "reused": reused},
+        "kernels": sum(k.runs for k in kernels),
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "assumptions": CPU_ASSUMPTIONS,
+    }
 
 
 def hours(value: float) -> str:

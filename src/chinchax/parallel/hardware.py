@@ -36,7 +36,7 @@ class Device:
     name: str
     platform: str  # 'gpu', 'tpu', 'cs2' or 'cpu' (also the Ray resource family of a sweep point)
     memory_bytes: int | None  # per device; None: read from the machine (CPU host RAM)
-    peak_flops: float | None  # dense bf16 FLOP/s; None: measured (CPU)
+    peak_flops: float | None  # dense bf16 FLOP/s (a CS-2: fp16); None: measured (CPU)
     holds_state: bool  # False: params and optimizer state stream from elsewhere (Cerebras MemoryX)
     kind_match: str  # substring of jax's `device_kind` that identifies it
     source: str
@@ -88,9 +88,11 @@ DEVICES: dict[str, Device] = {  # by_kind takes the first match: the more specif
                      memory_bandwidth=1200e9, intra_host_link=("ICI", 300e9), inter_host_link=("ICI", 300e9),
                      bandwidth_source="Google Cloud TPU v4 documentation: 1,200 GB/s HBM2; Google Cloud TPU v5p "
                      "announcement (Dec 2023), v4 column: inter-chip interconnect 2,400 Gbps per chip"),
-    "cs2": Device("Cerebras CS-2 (WSE-2)", "cs2", 40 * 10**9, None, False, "CS-2",
+    "cs2": Device("Cerebras CS-2 (WSE-2)", "cs2", 40 * 10**9, 7.5e15, False, "CS-2",
                   "Cerebras CS-2 datasheet: 40 GB on-wafer SRAM; weight streaming keeps weights and "
-                  "optimizer state in MemoryX (Cerebras-GPT, Dey et al. 2023, Sec. 3)",
+                  "optimizer state in MemoryX (Cerebras-GPT, Dey et al. 2023, Sec. 3); peak: Cerebras' "
+                  "Andromeda announcement (SC22, 14 Nov 2022, as Tom's Hardware and EnterpriseAI report it): "
+                  "16 CS-2 give 120 PFLOP/s dense FP16, 7.5 PFLOP/s each",
                   memory_bandwidth=20e15, inter_host_link=("MemoryX → SwarmX → wafer (12 × 100 GbE)", 150e9),
                   bandwidth_source="Cerebras CS-2 datasheet: 20 PB/s on-wafer memory bandwidth, system I/O "
                   "12 × 100 Gigabit Ethernet (1.2 Tb/s); Cerebras weight-streaming white paper: weights "
@@ -172,10 +174,10 @@ def measure_memory_bandwidth(elements: int = 2**26, repeats: int = 9, reuse: boo
     x = jnp.ones((elements,), jnp.float32)
     axpb = jax.jit(lambda v: 1.0001 * v + 1.0, donate_argnums=(0,) if reuse else ())
     times = []
-    for run in range(repeats + 1):  # the first run compiles
+    for run in range(repeats + 2):  # the first run compiles, the second grows the heap to hold two outputs
         start = time.perf_counter()
         y = axpb(x).block_until_ready()
-        if run:
+        if run > 1:
             times.append(time.perf_counter() - start)
         x = y if reuse else x
     return 2 * 4 * elements / statistics.median(times)
