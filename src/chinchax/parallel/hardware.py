@@ -167,17 +167,20 @@ def measure_dot_seconds(
 
 def measure_memory_bandwidth(elements: int = 2**26, repeats: int = 9, reuse: bool = False) -> float:
     """Bytes/s of a jitted fp32 y = a·x + b over `elements` (default 256 MiB, far larger than a CPU's caches) on
-    the default device: bytes read plus written over the median of `repeats` runs. Each run writes a freshly
-    allocated output, as a step's kernels write the buffers it allocates per run; with `reuse` the input is
-    donated, so each run writes into the buffer the previous run wrote, as a loop body's kernels do from its
-    second iteration on."""
+    the default device: bytes read plus written over the median of `repeats` runs, after as many untimed ones
+    (under chinchax.malloc's kept memory the first few outputs still grow the heap, page faults and all, as a
+    run's first steps do). Each run writes a freshly allocated output, as a step's kernels write the buffers it
+    allocates per run; with `reuse` the input is donated, so each run writes into the buffer the previous run
+    wrote, as a loop body's kernels do from its second iteration on."""
     x = jnp.ones((elements,), jnp.float32)
     axpb = jax.jit(lambda v: 1.0001 * v + 1.0, donate_argnums=(0,) if reuse else ())
     times = []
-    for run in range(repeats + 2):  # the first run compiles, the second grows the heap to hold two outputs
+    for run in range(
+        2 * repeats + 1
+    ):  # untimed: the compile, then as many runs as the allocator takes to settle
         start = time.perf_counter()
         y = axpb(x).block_until_ready()
-        if run > 1:
+        if run > repeats:
             times.append(time.perf_counter() - start)
         x = y if reuse else x
     return 2 * 4 * elements / statistics.median(times)
