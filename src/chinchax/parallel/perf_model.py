@@ -39,7 +39,7 @@ of an elementwise pass into a fresh buffer, while a loop body (microbatches, blo
 its second iteration on into buffers it already wrote, at the bandwidth of a pass into a reused buffer:
 step = Σ_kernels max(matmuls, bytes / fresh) + (runs − 1) · max(matmuls, bytes / reused).
 Both bandwidths are measured too (chinchax.parallel.hardware); nothing is fitted to step times. What the model
-leaves out — each kernel's launch, and kernels XLA runs side by side on the cores — makes it err low.
+leaves out: each kernel's launch, and kernels XLA runs side by side on the cores.
 """
 
 from __future__ import annotations
