@@ -22,7 +22,6 @@ from chinchax import malloc
 if __name__ == "__main__":  # before the heavy imports: glibc reads its tunables at process start
     malloc.keep_freed_memory()
 
-import functools
 import json
 import statistics
 
@@ -102,11 +101,7 @@ def main(argv):
     timing.check_shapes(_SHAPES.value, SHAPES)
     peak = hardware.measure_matmul_peak()
     fresh, reused = hardware.measure_memory_bandwidth(), hardware.measure_memory_bandwidth(reuse=True)
-
-    @functools.cache
-    def dot_seconds(dot: perf_model.Dot) -> float:
-        return hardware.measure_dot_seconds(dot.lhs, dot.rhs, dot.dimension_numbers)
-
+    dot_seconds = perf_model.dot_timer()  # one timer for every shape: each distinct matmul timed once
     print(
         f"{jax.devices()[0].device_kind}: fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, memory bandwidth "
         f"{fresh / 1e9:.2f} GB/s into fresh buffers, {reused / 1e9:.2f} GB/s into reused ones (measured in this "

@@ -65,9 +65,8 @@ def main(argv):
         cfg.mesh.preset = _MESH.value
     cfg = config_lib.validate(cfg)
     if _DRY_RUN.value:
-        if (
-            cfg.mesh.preset != "cpu"
-        ):  # lower and compile the real step against a virtual mesh of the preset's size
+        # a pod preset's step compiles against a virtual mesh of the preset's size
+        if cfg.mesh.preset != "cpu":
             aot.use_virtual_devices(mesh.preset(cfg.mesh.preset).devices or 1)
         report, resolved = dry_run.report(cfg)
         hlo = None

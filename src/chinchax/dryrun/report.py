@@ -9,7 +9,6 @@ matmul FLOPs of the compiled step, memory from the analytic traffic estimate, co
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -171,22 +170,29 @@ def cpu_prediction(report: dict, resolved: ml_collections.ConfigDict, hlo_text: 
     """The CPU model's prediction of one local device's step (perf_model.predict_kernels): each distinct matmul
     of the compiled step and the memory bandwidth timed on this machine now, the peak measured once per machine;
     {'unavailable': why} without a compiled step or with more than one device (they would share the cores)."""
-    devices = math.prod(report["mesh"]["shape"].values())
-    if hlo_text is None or devices != 1:
-        why = f"{devices} devices share this CPU" if hlo_text else "no compiled step"
-        why = "the step does not fit this machine, so it was not compiled" if not report["fits"] else why
+    devices, why = math.prod(report["mesh"]["shape"].values()), None
+    if hlo_text is None:
+        why = (
+            "no compiled step"
+            if report["fits"]
+            else "the step does not fit this machine, so it was not compiled"
+        )
+    elif devices != 1:
+        why = f"{devices} devices share this CPU"
+    if why:
         return {"unavailable": f"the CPU model predicts one compiled local device's step ({why})"}
     peak, peak_source = hardware.peak_flops_per_device(resolved.train.peak_flops_per_device)
     fresh, reused = hardware.measure_memory_bandwidth(), hardware.measure_memory_bandwidth(reuse=True)
-
-    @functools.cache
-    def dot_seconds(dot: perf_model.Dot) -> float:
-        return hardware.measure_dot_seconds(dot.lhs, dot.rhs, dot.dimension_numbers)
-
     kernels = perf_model.hlo_kernels(hlo_text)
     step_tokens = resolved.train.batch_size * resolved.data.seq_len
     got = perf_model.predict_kernels(
-        kernels, dot_seconds, fresh, reused, peak, step_tokens, report["flops_per_token"] * step_tokens
+        kernels,
+        perf_model.dot_timer(),
+        fresh,
+        reused,
+        peak,
+        step_tokens,
+        report["flops_per_token"] * step_tokens,
     )
     if got.bound == "compute":
         detail = f"compute: {len({d for k in kernels for d in k.dots})} distinct matmuls, each timed here"

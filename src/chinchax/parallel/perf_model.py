@@ -45,6 +45,7 @@ leaves out: each kernel's launch, and kernels XLA runs side by side on the cores
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import re
@@ -453,6 +454,11 @@ def hlo_kernels(hlo_text: str) -> list[Kernel]:
 
     walk(module.entry, 1)
     return kernels
+
+
+def dot_timer() -> Callable[[Dot], float]:
+    """Seconds a Dot takes on this machine (hardware.measure_dot_seconds), each distinct Dot timed once."""
+    return functools.cache(lambda dot: hardware.measure_dot_seconds(dot.lhs, dot.rhs, dot.dimension_numbers))
 
 
 def predict_kernels(
