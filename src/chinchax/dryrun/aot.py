@@ -36,7 +36,7 @@ def hlo_matmul_flops(hlo_text: str) -> float:
     """
 
     def dot(result, shape, opcode, rest, shapes) -> dict[str, float]:
-        return {"flops": perf_model.dot_flops(rest, shapes[result], shapes)} if opcode == "dot" else {}
+        return {"flops": perf_model.dot_of(rest, shapes).flops} if opcode == "dot" else {}
 
     return perf_model.hlo_loop_totals(hlo_text, dot).get("flops", 0.0)
 

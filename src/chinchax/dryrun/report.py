@@ -145,18 +145,8 @@ def add_prediction(report: dict, resolved: ml_collections.ConfigDict, hlo_text: 
     else:
         axes = got.bound.split(" on ")[1].split("+")
         detail = f"{got.bound} over {min((links[a] for a in axes), key=lambda link: link[1])[0]}"
-    days = report["tokens"] / got.tokens_per_second / DAY
     prediction = {
-        "step_seconds": got.seconds,
-        "bound": got.bound,
-        "bound_detail": detail,
-        "mfu": got.mfu,
-        "tokens_per_second": got.tokens_per_second,
-        "days": days,
-        "device_hours": days * 24 * aot["devices"],
-        "compute_seconds": got.compute_seconds,
-        "memory_seconds": got.memory_seconds,
-        "collective_seconds": got.collective_seconds,
+        **_timing(got, detail, report["tokens"], aot["devices"]),
         "memory_bytes_per_device": traffic,
         "peak_flops": peak,
         "peak_source": "configured" if resolved.train.peak_flops_per_device else device.source,
@@ -164,6 +154,24 @@ def add_prediction(report: dict, resolved: ml_collections.ConfigDict, hlo_text: 
         "assumptions": ASSUMPTIONS,
     }
     return {**report, "prediction": prediction}
+
+
+def _timing(got: perf_model.Prediction, detail: str, tokens: int, devices: int) -> dict:
+    """What every prediction gives: the step, what bounds it, MFU, tokens/s, days and device-hours to train
+    `tokens`, and the terms."""
+    days = tokens / got.tokens_per_second / DAY
+    return {
+        "step_seconds": got.seconds,
+        "bound": got.bound,
+        "bound_detail": detail,
+        "mfu": got.mfu,
+        "tokens_per_second": got.tokens_per_second,
+        "days": days,
+        "device_hours": days * 24 * devices,
+        "compute_seconds": got.compute_seconds,
+        "memory_seconds": got.memory_seconds,
+        "collective_seconds": got.collective_seconds,
+    }
 
 
 def cpu_prediction(report: dict, resolved: ml_collections.ConfigDict, hlo_text: str | None) -> dict:
@@ -200,18 +208,8 @@ def cpu_prediction(report: dict, resolved: ml_collections.ConfigDict, hlo_text: 
         detail = (
             f"memory: {fresh / 1e9:.0f} GB/s into fresh buffers, {reused / 1e9:.0f} GB/s into reused ones"
         )
-    days = report["tokens"] / got.tokens_per_second / DAY
     return {
-        "step_seconds": got.seconds,
-        "bound": got.bound,
-        "bound_detail": detail,
-        "mfu": got.mfu,
-        "tokens_per_second": got.tokens_per_second,
-        "days": days,
-        "device_hours": days * 24,
-        "compute_seconds": got.compute_seconds,
-        "memory_seconds": got.memory_seconds,
-        "collective_seconds": {},
+        **_timing(got, detail, report["tokens"], 1),
         "bandwidths": {"fresh": fresh, "reused": reused},
         "kernels": sum(k.runs for k in kernels),
         "peak_flops": peak,

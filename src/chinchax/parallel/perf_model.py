@@ -328,9 +328,13 @@ class Kernel:
     name: str  # the HLO instruction
     opcode: str  # 'fusion', 'dot', 'copy', ...
     runs: int  # times a step runs it (the trip counts of the loops around it)
-    flops: float  # matmul FLOPs per run (2 · output · contraction of each dot it holds)
     bytes: float  # bytes read and written per run
     dots: tuple[Dot, ...] = ()  # the matmuls it holds
+
+    @property
+    def flops(self) -> float:
+        """Matmul FLOPs per run (2 · output · contraction of each dot it holds)."""
+        return sum(dot.flops for dot in self.dots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,15 +359,7 @@ _NO_KERNEL = ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", 
 _CONTROL = ("while", "call", "conditional")
 
 
-def dot_flops(rest: str, out: tuple[int, ...], shapes: dict[str, tuple[int, ...]]) -> float:
-    """2 · output elements · contraction size of a dot with these operands-and-attributes."""
-    lhs = shapes[rest.split(",")[0].strip().lstrip("%").rstrip(")")]
-    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-    k = math.prod(lhs[i] for i in dims(contracting.group(1))) if contracting else 1
-    return 2.0 * math.prod(out) * k
-
-
-def _dot(rest: str, shapes: dict[str, tuple[int, ...]]) -> Dot:
+def dot_of(rest: str, shapes: dict[str, tuple[int, ...]]) -> Dot:
     """The Dot of a dot instruction's operands-and-attributes text."""
 
     def numbers(name: str) -> tuple[int, ...]:
@@ -405,7 +401,7 @@ def hlo_kernels(hlo_text: str) -> list[Kernel]:
                 shapes[result] = dims(array.group(1))
 
     def fused_dots(computation: str) -> list[Dot]:
-        return [_dot(rest, shapes) for _, _, opcode, rest in body[computation] if opcode == "dot"] + [
+        return [dot_of(rest, shapes) for _, _, opcode, rest in body[computation] if opcode == "dot"] + [
             dot
             for *_, rest in body[computation]
             for callee in _CALLEE.findall(rest)
@@ -446,11 +442,10 @@ def hlo_kernels(hlo_text: str) -> list[Kernel]:
                 for callee in _CALLEE.findall(rest):
                     walk(callee, runs * times)
             elif opcode not in _NO_KERNEL:
-                dots = [_dot(rest, shapes)] if opcode == "dot" else []
+                dots = [dot_of(rest, shapes)] if opcode == "dot" else []
                 if opcode == "fusion":
                     dots = [dot for callee in _CALLEE.findall(rest) for dot in fused_dots(callee)]
-                flops = sum(dot.flops for dot in dots)
-                kernels.append(Kernel(result, opcode, runs, flops, moved(result, opcode, rest), tuple(dots)))
+                kernels.append(Kernel(result, opcode, runs, moved(result, opcode, rest), tuple(dots)))
 
     walk(module.entry, 1)
     return kernels
