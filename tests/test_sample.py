@@ -48,8 +48,10 @@ def test_cached_decoding_gives_the_full_forward_logits():
         cache = variables["cache"]
         pieces.append(np.asarray(logits))
     assert int(cache["position"]) == 37
+    # fp32 sums in another order: 40 seeds differed by at most 2.3e-6 of the largest logit (~10)
+    tolerance = 1e-5 * np.abs(full).max()
     np.testing.assert_allclose(
-        np.concatenate(pieces, axis=1), full, atol=2e-5, rtol=0, err_msg=f"seed {seed}"
+        np.concatenate(pieces, axis=1), full, atol=tolerance, rtol=0, err_msg=f"seed {seed}"
     )
 
 
