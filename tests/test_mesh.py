@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from chinchax.config import ConfigError, d_ffn, validate
 from chinchax.dryrun import aot
 from chinchax.model import flops
-from chinchax.parallel import mesh
+from chinchax.parallel import mesh, perf_model
 from chinchax.training import train
 from experiments import configs
 
@@ -143,6 +143,17 @@ def test_activation_constraints_reach_the_compiled_step():
     text = step.lower(shapes, {"inputs": tokens, "targets": tokens}).as_text()
     # Five with_logical_constraint calls in the forward pass (embedding, qkv, mlp, block output, logits).
     assert text.count("sharding_constraint") >= 5
+
+
+@pytest.mark.parametrize("attention", ["blockwise", "pallas"])
+def test_attention_kernels_run_on_each_devices_own_rows(attention):
+    """On a data-parallel mesh the step's one collective is the gradient all-reduce: a kernel XLA cannot split
+    (a loop over rows, a Pallas call) must not gather the batch's activations onto every device."""
+    cfg = _tiny((8, 1, 1))
+    cfg.model.attention = attention
+    compiled = aot.compile_step(cfg, devices=8).compiled
+    moved = perf_model.collective_bytes(compiled.as_text(), {"data": 8, "fsdp": 1, "tensor": 1})
+    assert set(moved) == {"all-reduce on data"}, moved
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ that position (a prompt at once, then one token at a time) and attends over ever
 
 from __future__ import annotations
 
+import functools
+
 import chinchax_kernels
 import flax.linen as nn
 import jax
@@ -57,6 +59,21 @@ def attend_with_logits(logits: jax.Array, v: jax.Array, query_offset: jax.Array 
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def per_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """kernel(q, k, v) on each device's own (batch, heads) block under a mesh (shard_map by the logical rules).
+
+    Attention is independent per sequence and head, and XLA cannot split a kernel it does not see into (a
+    loop over rows, a custom call): left to itself it gathers the whole batch onto every device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v)
+    spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
+    # check_vma off: a Pallas call's output shape does not say how it varies over the mesh, and the kernels
+    # run no collectives for the check to follow.
+    sharded = jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    return sharded(q, k, v)
 
 
 def attention_implementation(model: ml_collections.ConfigDict) -> str:
@@ -148,11 +165,17 @@ class Block(nn.Module):
         implementation = attention_implementation(self.model)
         if implementation == "blockwise":
             block_q, block_k = blockwise_blocks(q.shape[1])
-            return chinchax_kernels.blockwise_attention(
-                q, k, v, causal=True, scale=scale, block_q=block_q, block_k=block_k
+            kernel = functools.partial(
+                chinchax_kernels.blockwise_attention,
+                causal=True,
+                scale=scale,
+                block_q=block_q,
+                block_k=block_k,
             )
+            return per_shard(kernel, q, k, v)
         if implementation == "pallas":
-            return chinchax_kernels.flash_attention(q, k, v, causal=True, scale=scale)
+            kernel = functools.partial(chinchax_kernels.flash_attention, causal=True, scale=scale)
+            return per_shard(kernel, q, k, v)
         if implementation == "cudnn":
             return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
         logits = attention_logits(q, k, scale)
