@@ -156,6 +156,21 @@ def test_attention_kernels_run_on_each_devices_own_rows(attention):
     assert set(moved) == {"all-reduce on data"}, moved
 
 
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+def test_gradients_cross_data_once_a_step_whatever_the_microbatches(shape):
+    """Each replica sums its own microbatches' gradients: the bytes that cross 'data' in a step are the same
+    for 2 and 4 microbatches (XLA left alone reduces every microbatch's gradients where they are made)."""
+    sizes = dict(zip(("data", "fsdp", "tensor"), shape, strict=True))
+    crossing_data = []
+    for microbatches in (2, 4):
+        cfg = _tiny(shape)
+        cfg.train.update(batch_size=8 * microbatches, microbatches=microbatches)
+        moved = perf_model.collective_bytes(aot.compile_step(cfg, devices=8).compiled.as_text(), sizes)
+        crossing_data.append(sum(b for kind, b in moved.items() if "data" in kind.split(" on ")[1]))
+    assert crossing_data[0] > 0
+    assert crossing_data[1] == pytest.approx(crossing_data[0], rel=0.01), crossing_data
+
+
 @pytest.mark.parametrize(
     "spec, devices, match",
     [

@@ -276,6 +276,42 @@ def global_batch(mesh: Mesh, local_batch: dict, global_sequences: int) -> dict:
     return jax.tree.map(make, local_batch)
 
 
+def summed_over_replicas(fn: Callable) -> Callable:
+    """fn(shared, batch) run by each 'data' replica on its own rows, its outputs summed over the replicas once.
+
+    For gradient accumulation: under plain jit XLA reduces a gradient where it is made, so a loop over
+    microbatches all-reduces over 'data' once per microbatch. Here fn is vmapped over the replicas (the
+    vmapped axis on 'data'), so its loop sums each replica's own gradients and the replicas reduce once at
+    the end. shared: a pytree the replicas share (the parameters); batch: (microbatches, sequences, ...)
+    arrays split over 'data' on their sequences. Inside fn the logical rules leave 'data' to the vmap.
+    """
+
+    def run(shared, batch):
+        mesh = jax.sharding.get_abstract_mesh()
+        replicas = 1 if mesh.empty else mesh.shape["data"]
+        if replicas == 1:
+            return fn(shared, batch)
+
+        def by_replica(
+            x,
+        ):  # (microbatches, sequences, ...) → (replicas, microbatches, sequences / replicas, ...)
+            return x.reshape(x.shape[0], replicas, x.shape[1] // replicas, *x.shape[2:]).swapaxes(0, 1)
+
+        inside = tuple((name, _without(axes, "data")) for name, axes in nn.get_logical_axis_rules())
+        with nn.logical_axis_rules(inside):
+            per_replica = jax.vmap(lambda rows: fn(shared, rows), spmd_axis_name="data")
+            outputs = per_replica(jax.tree.map(by_replica, batch))
+        return jax.tree.map(lambda x: x.sum(0), outputs)
+
+    return run
+
+
+def _without(axes: str | tuple[str, ...] | None, axis: str) -> str | tuple[str, ...] | None:
+    """A rules row's mesh axes with `axis` taken out (None when nothing is left)."""
+    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a != axis)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+
 @dataclasses.dataclass(frozen=True)
 class ShardedStep:
     """A jitted train step that runs (and lowers) under the mesh and the logical rules."""

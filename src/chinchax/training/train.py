@@ -56,32 +56,39 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
     tokens: the run's training tokens (the schedule's span) when the caller has planned them already.
 
     Gradients are averaged over the step's real tokens (padding rows excluded) with a scan over microbatches
-    (one compiled body; no scan for a single microbatch); the metrics are the mean loss, the global gradient
-    norm before clipping, the step's learning rate and, for a sparse run, the density of the prunable weights
-    once the step is done.
+    (one compiled body; no scan for a single microbatch), each data-parallel replica summing its own rows'
+    gradients and the replicas reducing them once (`mesh.summed_over_replicas`); the metrics are the mean
+    loss, the global gradient norm before clipping, the step's learning rate and, for a sparse run, the
+    density of the prunable weights once the step is done.
     """
     loss = loss_fn(cfg)
     tokens = tokens or total_tokens(cfg)
     opt = optimizer(cfg, gpt.param_shapes(cfg.model), tokens)
     lr = optim.learning_rate(cfg, tokens)
 
-    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        tokens_in_step = jnp.sum(batch["targets"] != loss_lib.IGNORE).astype(jnp.float32)
+    def mean_share(params, microbatch, tokens_in_step):
+        """A microbatch's summed loss as its share of the step's mean over real tokens."""
+        return loss(params, microbatch["inputs"], microbatch["targets"])[0] / tokens_in_step
 
-        def mean_share(params, inputs, targets):
-            return loss(params, inputs, targets)[0] / tokens_in_step
-
-        def share_of(microbatch):
-            return jax.value_and_grad(mean_share)(state.params, microbatch["inputs"], microbatch["targets"])
+    def summed_shares(shared, batch):
+        """(loss, gradients) of each of batch's microbatches in turn, summed (one compiled body, a scan)."""
+        params, tokens_in_step = shared
 
         def accumulate(carry, microbatch):
-            return jax.tree.map(jnp.add, carry, share_of(microbatch)), None
+            share = jax.value_and_grad(mean_share)(params, microbatch, tokens_in_step)
+            return jax.tree.map(jnp.add, carry, share), None
 
-        if batch["inputs"].shape[0] == 1:  # one microbatch: no accumulator to fill
-            mean_loss, grads = share_of(jax.tree.map(lambda x: x[0], batch))
-        else:
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-            (mean_loss, grads), _ = jax.lax.scan(accumulate, zeros, batch)
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        return jax.lax.scan(accumulate, zeros, batch)[0]
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        tokens_in_step = jnp.sum(batch["targets"] != loss_lib.IGNORE).astype(jnp.float32)
+        if batch["inputs"].shape[0] == 1:  # one microbatch: no accumulator, one gradient reduction either way
+            first = jax.tree.map(lambda x: x[0], batch)
+            mean_loss, grads = jax.value_and_grad(mean_share)(state.params, first, tokens_in_step)
+        else:  # each data-parallel replica sums its own microbatches; the replicas reduce once
+            shares = mesh.summed_over_replicas(summed_shares)
+            mean_loss, grads = shares((state.params, tokens_in_step), batch)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
         metrics = {"loss": mean_loss, "grad_norm": optax.global_norm(grads), "lr": lr(state.step)}
