@@ -37,7 +37,7 @@ class MemoryPlan:
 
     params: int  # fp32 parameter shards
     optimizer: int  # fp32 Adam μ and ν shards
-    gradients: int  # fp32 gradient shards: `_gradient_buffers` of them
+    gradients: int  # fp32 gradient shards, the accumulator when microbatches > 1, the update
     gathered_weights: (
         int  # one block's weights gathered over fsdp (compute dtype) + their fp32 grads, embedding
     )
@@ -102,14 +102,6 @@ def activation_bytes(cfg: ml_collections.ConfigDict, sequences: int, tensor: int
     return int(m.n_layers * kept + (0 if remat == "none" else block))
 
 
-def _gradient_buffers(microbatches: int, replicas: int) -> int:
-    """fp32 gradient-sized buffers live at once: a microbatch's gradients and the update; with accumulation
-    the accumulator too, and across replicas (mesh.summed_over_replicas) also the replicas' reduced sum."""
-    if microbatches == 1:
-        return 2
-    return 3 if replicas == 1 else 4
-
-
 def plan(
     cfg: ml_collections.ConfigDict, sizes: dict[str, int], device: hardware.Device, shard_elements: int
 ) -> MemoryPlan:
@@ -133,7 +125,7 @@ def plan(
     return MemoryPlan(
         params=shard_bytes,
         optimizer=2 * shard_bytes,
-        gradients=shard_bytes * _gradient_buffers(cfg.train.microbatches, sizes["data"]),
+        gradients=shard_bytes * (3 if cfg.train.microbatches > 1 else 2),
         gathered_weights=int(2 * block_weights * width + block_weights * FP32 + embedding * (width + FP32)),
         activations=activation_bytes(cfg, sequences, tensor, m.remat),
         logits=int(2 * sequences * cfg.data.seq_len * logits_width * FP32),
