@@ -292,9 +292,8 @@ def summed_over_replicas(fn: Callable) -> Callable:
         if replicas == 1:
             return fn(shared, batch)
 
-        def by_replica(
-            x,
-        ):  # (microbatches, sequences, ...) → (replicas, microbatches, sequences / replicas, ...)
+        def by_replica(x):
+            """(microbatches, sequences, ...) → (replicas, microbatches, sequences / replicas, ...)"""
             return x.reshape(x.shape[0], replicas, x.shape[1] // replicas, *x.shape[2:]).swapaxes(0, 1)
 
         inside = tuple((name, _without(axes, "data")) for name, axes in nn.get_logical_axis_rules())

@@ -56,8 +56,8 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
     tokens: the run's training tokens (the schedule's span) when the caller has planned them already.
 
     Gradients are averaged over the step's real tokens (padding rows excluded) with a scan over microbatches
-    (one compiled body; no scan for a single microbatch), each data-parallel replica summing its own rows'
-    gradients and the replicas reducing them once (`mesh.summed_over_replicas`); the metrics are the mean
+    (one compiled body; no scan for a single microbatch; with several, each data-parallel replica sums its
+    own rows' gradients and the replicas reduce them once: `mesh.summed_over_replicas`); the metrics are the mean
     loss, the global gradient norm before clipping, the step's learning rate and, for a sparse run, the
     density of the prunable weights once the step is done.
     """
