@@ -156,6 +156,17 @@ def test_attention_kernels_run_on_each_devices_own_rows(attention):
     assert set(moved) == {"all-reduce on data"}, moved
 
 
+def test_fsdp_gathers_weights_within_each_data_replica():
+    """With data replicas beside FSDP, each replica gathers its weights over 'fsdp' alone: read from the
+    compiled step (XLA names these groups as a mesh of device ids), no gather crosses 'data'."""
+    cfg = _tiny((4, 2, 1))
+    cfg.train.microbatches = 1
+    moved = perf_model.collective_bytes(
+        aot.compile_step(cfg, devices=8).compiled.as_text(), {"data": 4, "fsdp": 2, "tensor": 1}
+    )
+    assert {kind for kind in moved if kind.startswith("all-gather")} == {"all-gather on fsdp"}, moved
+
+
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
 def test_gradients_cross_data_once_a_step_whatever_the_microbatches(shape):
     """Each replica sums its own microbatches' gradients: the bytes that cross 'data' in a step are the same

@@ -126,6 +126,28 @@ def test_async_pairs_count_once_and_groups_map_to_axes():
     }
 
 
+@pytest.mark.parametrize(
+    "groups, expected",
+    [
+        # devices 0..7 as (4, 2) transposed to the mesh's (2, 4): reduce over axis_0 pairs neighbours
+        (
+            "mesh['axis_0'=2,'axis_1'=4], device_ids=([4,2]T(1,0)) {'axis_0'}",
+            [(0, 1), (2, 3), (4, 5), (6, 7)],
+        ),
+        # (2, 2, 2) with its first two axes swapped, read as (2, 4): pairs two apart
+        (
+            "mesh['axis_0'=2,'axis_1'=4], device_ids=([2,2,2]T(1,0,2)) {'axis_0'}",
+            [(0, 2), (1, 3), (4, 6), (5, 7)],
+        ),
+        ("mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", [(0, 1, 2, 3), (4, 5, 6, 7)]),
+    ],
+)
+def test_mesh_replica_groups_read_their_device_order(groups, expected):
+    """XLA writes a collective's groups as a mesh of device ids: the groups are the ids along the named axes."""
+    rest = f"%p), channel_id=1, replica_groups={groups}, dimensions={{0}}"
+    assert perf_model.replica_groups(rest, 8) == expected
+
+
 def test_roofline_by_hand():
     device = dataclasses.replace(
         hardware.DEVICES["h100"], peak_flops=1e15, memory_bandwidth=2e12, devices_per_host=8

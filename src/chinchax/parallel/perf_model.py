@@ -153,21 +153,37 @@ def shape_bytes(shape: str) -> int:
 
 def replica_groups(rest: str, devices: int) -> list[tuple[int, ...]]:
     """The device groups of a collective's attributes, in any of HLO's spellings: explicit {{0,1},{2,3}},
-    iota [2,4]<=[4,2]T(1,0), mesh['a'=2,'b'=4] {'b'}, collective-permute's source_target_pairs, or none
-    (all devices)."""
-    if match := re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", rest):
-        sizes = {axis: int(size) for axis, size in re.findall(r"'(\w+)'=(\d+)", match.group(1))}
-        grouped = tuple(re.findall(r"'(\w+)'", match.group(2)))
-        return [tuple(sorted(group)) for group in axis_groups(sizes, grouped)]
+    iota [2,4]<=[4,2]T(1,0), mesh['a'=2,'b'=4] {'b'} (optionally with device_ids=([4,2]T(1,0)): the devices
+    in the mesh's positions, in iota form), collective-permute's source_target_pairs, or none (all devices)."""
+    mesh_groups = re.search(
+        r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\(\[([\d,]+)\](?:<=\[([\d,]+)\])?(?:T\(([\d,]+)\))?\))?"
+        r" \{([^}]*)\}",
+        rest,
+    )
+    if mesh_groups:
+        sizes = {axis: int(size) for axis, size in re.findall(r"'(\w+)'=(\d+)", mesh_groups.group(1))}
+        grouped = tuple(re.findall(r"'(\w+)'", mesh_groups.group(5)))
+        ids = (
+            _iota(*mesh_groups.group(2, 3, 4))
+            if mesh_groups.group(2)
+            else np.arange(math.prod(sizes.values()))
+        )
+        return [tuple(sorted(int(ids[p]) for p in group)) for group in axis_groups(sizes, grouped)]
     if match := re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", rest):
-        ids = np.arange(math.prod(dims(match.group(2)))).reshape(dims(match.group(2)))
-        ids = ids.transpose(dims(match.group(3))) if match.group(3) else ids
+        ids = _iota(match.group(2), None, match.group(3))
         return [tuple(g) for g in ids.reshape(dims(match.group(1))).tolist()]
     if match := re.search(r"(?:replica_groups|source_target_pairs)=\{((?:\{[\d,]*\},?)*)\}", rest):
         groups = [dims(g) for g in re.findall(r"\{([\d,]*)\}", match.group(1))]
         if groups:
             return groups
     return [tuple(range(devices))]
+
+
+def _iota(shape: str, reshape: str | None, permutation: str | None) -> np.ndarray:
+    """The device ids of HLO's iota form [shape]<=[reshape]T(permutation), flat: 0..n−1 laid out as reshape
+    (or shape when there is none), transposed by the permutation."""
+    ids = np.arange(math.prod(dims(reshape or shape))).reshape(dims(reshape or shape))
+    return (ids.transpose(dims(permutation)) if permutation else ids).reshape(-1)
 
 
 def axis_groups(mesh_shape: dict[str, int], axes: tuple[str, ...]) -> list[frozenset[int]]:
