@@ -65,12 +65,12 @@ def main(argv):
         cfg.mesh.preset = _MESH.value
     cfg = config_lib.validate(cfg)
     if _DRY_RUN.value:
-        # a pod preset's step compiles against a virtual mesh of the preset's size
-        if cfg.mesh.preset != "cpu":
+        pod = cfg.mesh.preset != "cpu"
+        if pod:  # the step compiles against a virtual mesh of the preset's size
             aot.use_virtual_devices(mesh.preset(cfg.mesh.preset).devices or 1)
         report, resolved = dry_run.report(cfg)
         hlo = None
-        if cfg.mesh.preset != "cpu" or report["fits"]:  # a step this machine cannot hold is not compiled here
+        if pod or report["fits"]:  # a step this machine cannot hold is not compiled here
             step = aot.compile_step(resolved)
             report, hlo = dry_run.add_xla(report, aot.analysis(step)), step.compiled.as_text()
         report = dry_run.add_prediction(report, resolved, hlo)

@@ -31,8 +31,8 @@ ASSUMPTIONS = (
 CPU_ASSUMPTIONS = (
     "one device runs the step's kernels one after another (chinchax.parallel.perf_model's CPU model): each kernel "
     "max(its matmuls' time, bytes / bandwidth), matmuls timed one by one on this machine, a kernel's first run at "
-    "the bandwidth into fresh buffers and a loop body's later runs at that into reused ones; kernel launches and "
-    "kernels run side by side are left out (benchmarks.perf_model_cpu: 9 shapes within −22 … +9%)"
+    "the bandwidth into fresh buffers and a loop body's later runs at that into reused ones; the gaps between "
+    "kernels and kernels run side by side are left out (benchmarks.perf_model_cpu measures the error per shape)"
 )
 
 

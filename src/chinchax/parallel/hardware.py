@@ -175,9 +175,8 @@ def measure_memory_bandwidth(elements: int = 2**26, repeats: int = 9, reuse: boo
     x = jnp.ones((elements,), jnp.float32)
     axpb = jax.jit(lambda v: 1.0001 * v + 1.0, donate_argnums=(0,) if reuse else ())
     times = []
-    for run in range(
-        2 * repeats + 1
-    ):  # untimed: the compile, then as many runs as the allocator takes to settle
+    # untimed: the compile, then as many runs as the allocator takes to settle
+    for run in range(2 * repeats + 1):
         start = time.perf_counter()
         y = axpb(x).block_until_ready()
         if run > repeats:

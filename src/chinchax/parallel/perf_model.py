@@ -39,7 +39,8 @@ of an elementwise pass into a fresh buffer, while a loop body (microbatches, blo
 its second iteration on into buffers it already wrote, at the bandwidth of a pass into a reused buffer:
 step = Σ_kernels max(matmuls, bytes / fresh) + (runs − 1) · max(matmuls, bytes / reused).
 Both bandwidths are measured too (chinchax.parallel.hardware); nothing is fitted to step times. What the model
-leaves out: each kernel's launch, and kernels XLA runs side by side on the cores.
+leaves out: the gaps between kernels (a profile of a blockwise-attention step: its kernels take what the model
+says in sum, and the step ~15% longer), and kernels XLA runs side by side on the cores.
 """
 
 from __future__ import annotations
@@ -76,9 +77,8 @@ def dims(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(",") if d)
 
 
-Instruction = tuple[
-    str, str, str, str
-]  # (result name, result shape text, opcode, operands and attributes text)
+# (result name, result shape text, opcode, operands and attributes text)
+Instruction = tuple[str, str, str, str]
 
 
 @dataclasses.dataclass(frozen=True)
