@@ -101,7 +101,7 @@ DEVICES: dict[str, Device] = {  # by_kind takes the first match: the more specif
                   "this machine: available RAM split over its local devices; peak measured",
                   bandwidth_source="this machine: memory bandwidth measured (measure_memory_bandwidth: a jitted "
                   "elementwise pass over 256 MiB of fp32 into fresh, or reused, buffers; bytes read and written "
-                  "over the median time)"),
+                  "over the best of three median times)"),
 }
 # fmt: on
 
@@ -135,13 +135,14 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
 
 
 def measure_dot_seconds(
-    lhs: tuple[int, ...], rhs: tuple[int, ...], dimension_numbers, repeats: int = 5, loop_flops: float = 2e8
+    lhs: tuple[int, ...], rhs: tuple[int, ...], dimension_numbers, repeats: int = 5, loop_flops: float = 2e9
 ) -> float:
     """Seconds one fp32 `jax.lax.dot_general(lhs, rhs, dimension_numbers)` of these operand dims takes on the
     default device: the median of `repeats` timed calls of the jitted matmul. A matmul of fewer than
     `loop_flops` FLOPs is timed as a jitted loop of enough of them to make that many (each iteration writes one
     element of the previous product into its lhs, so none can be skipped), per iteration, so that the call's
-    dispatch does not count."""
+    dispatch does not count: a compiled step runs its kernels back to back, with no dispatch between them, and
+    a call's dispatch (tens of µs, and as noisy) is a tenth of a matmul of a few hundred MFLOPs."""
     (_, contracting), (_, batch) = dimension_numbers
     flops = 2.0 * math.prod(lhs) * math.prod(d for i, d in enumerate(rhs) if i not in contracting + batch)
     iterations = max(1, min(1000, int(loop_flops // flops)))
@@ -165,24 +166,30 @@ def measure_dot_seconds(
     return statistics.median(times) / iterations
 
 
-def measure_memory_bandwidth(elements: int = 2**26, repeats: int = 9, reuse: bool = False) -> float:
+def measure_memory_bandwidth(
+    elements: int = 2**26, repeats: int = 9, reuse: bool = False, rounds: int = 3
+) -> float:
     """Bytes/s of a jitted fp32 y = a·x + b over `elements` (default 256 MiB, far larger than a CPU's caches) on
     the default device: bytes read plus written over the median of `repeats` runs, after as many untimed ones
     (under chinchax.malloc's kept memory the first few outputs still grow the heap, page faults and all, as a
-    run's first steps do). Each run writes a freshly allocated output, as a step's kernels write the buffers it
-    allocates per run; with `reuse` the input is donated, so each run writes into the buffer the previous run
-    wrote, as a loop body's kernels do from its second iteration on."""
+    run's first steps do); the best of `rounds` such medians, since a neighbour on a shared machine can slow a
+    round by half and never speeds one. Each run writes a freshly allocated output, as a step's kernels write
+    the buffers it allocates per run; with `reuse` the input is donated, so each run writes into the buffer the
+    previous run wrote, as a loop body's kernels do from its second iteration on."""
     x = jnp.ones((elements,), jnp.float32)
     axpb = jax.jit(lambda v: 1.0001 * v + 1.0, donate_argnums=(0,) if reuse else ())
-    times = []
-    # untimed: the compile, then as many runs as the allocator takes to settle
-    for run in range(2 * repeats + 1):
-        start = time.perf_counter()
-        y = axpb(x).block_until_ready()
-        if run > repeats:
-            times.append(time.perf_counter() - start)
-        x = y if reuse else x
-    return 2 * 4 * elements / statistics.median(times)
+    medians = []
+    for _ in range(rounds):
+        times = []
+        # untimed: the compile, then as many runs as the allocator takes to settle
+        for run in range(2 * repeats + 1):
+            start = time.perf_counter()
+            y = axpb(x).block_until_ready()
+            if run > repeats:
+                times.append(time.perf_counter() - start)
+            x = y if reuse else x
+        medians.append(statistics.median(times))
+    return 2 * 4 * elements / min(medians)
 
 
 def _machine() -> str:

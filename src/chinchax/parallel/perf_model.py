@@ -39,8 +39,10 @@ of an elementwise pass into a fresh buffer, while a loop body (microbatches, blo
 its second iteration on into buffers it already wrote, at the bandwidth of a pass into a reused buffer:
 step = Σ_kernels max(matmuls, bytes / fresh) + (runs − 1) · max(matmuls, bytes / reused).
 Both bandwidths are measured too (chinchax.parallel.hardware); nothing is fitted to step times. What the model
-leaves out: the gaps between kernels (a profile of a blockwise-attention step: its kernels take what the model
-says in sum, and the step ~15% longer), and kernels XLA runs side by side on the cores.
+leaves out: the gaps between kernels, kernels XLA runs side by side on the cores, and caches: the bandwidth is
+that of a 256 MiB pass, while most of a small model's kernels touch a few MiB. On a shared machine that pass
+swings from run to run (45–80 GB/s into fresh buffers on a 2-core VM) while the steps barely move, and the
+prediction moves with it (about ±10%).
 """
 
 from __future__ import annotations
