@@ -1,8 +1,8 @@
 """The CPU performance model against measured train steps: predicted and measured step time per shape.
 
-    python -m benchmarks.perf_model_cpu [--shapes=a,b,...] [--steps=7]
+    python -m benchmarks.perf_model_cpu [--shapes=a,b,...] [--steps=7] [--rounds=3]
 
-It measures this machine's fp32 matmul peak and its memory bandwidth into fresh and into reused buffers once
+A round measures this machine's fp32 matmul peak and its memory bandwidth into fresh and into reused buffers
 (chinchax.parallel.hardware), then for each shape compiles the train step as the trainer does (one device, the
 step jitted with its shardings and the state donated; batch 16, fp32, layers unrolled; run, like
 experiments.run, under chinchax.malloc's kept-memory allocator), predicts its time from the compiled HLO with
@@ -11,10 +11,15 @@ bytes / bandwidth), a loop body's later iterations at the reused-buffer bandwidt
 HLO, by operand dims and dimension numbers, timed once by itself with hardware.measure_dot_seconds), and times
 the step: the median of --steps timed steps after two warm-up steps. The shapes vary width (64–256), depth
 (1–6), vocabulary (257 bytes vs 50,304 GPT-2 ids), microbatches (1, 2), sequence length (128, 256) and attention
-('xla': whole score matrix; 'auto': blockwise on CPU). The table gives the predicted and measured seconds, the
-error (predicted / measured − 1), what bounds the prediction and its two terms, then the median |error|; last
-on stdout, one JSON object: {"peak_gflops", "fresh_bandwidth_gbps", "reused_bandwidth_gbps", "median_abs_error",
-"within_25_percent", "shapes": {name: {"predicted_s", "measured_s", "error", "bound", ...}}}.
+('xla': whole score matrix; 'auto': blockwise on CPU). Each round runs in a fresh process, since on a shared
+machine a process's figures drift together by ±15% (bandwidth, matmuls and steps alike), and the figures that
+count are the medians over rounds of the predicted and of the measured seconds.
+
+Each round prints its table: the predicted and measured seconds, the error (predicted / measured − 1), what
+bounds the prediction and its two terms; then the table of medians with each round's error, and the median
+|error|; last on stdout, one JSON object: {"peak_gflops", "fresh_bandwidth_gbps", "reused_bandwidth_gbps" (the
+rounds' medians), "median_abs_error", "within_25_percent", "shapes": {name: {"predicted_s", "measured_s",
+"error", ...}}, "rounds": [each round's own object]}.
 """
 
 from chinchax import malloc
@@ -24,6 +29,8 @@ if __name__ == "__main__":  # before the heavy imports: glibc reads its tunables
 
 import json
 import statistics
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -51,9 +58,13 @@ SHAPES = {  # name: (d_model, n_layers, n_heads, tokenizer, microbatches, seq_le
     "i": (256, 6, 8, "bytes", 2, 256, "auto"),
 }
 VOCAB = {"bytes": 257, "gpt2": 50304}
+SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "vocab_size", "microbatches", "seq_len", "attention")
 
 _SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Shapes to measure, from {', '.join(SHAPES)}.")
 _STEPS = flags.DEFINE_integer("steps", 7, "Timed steps per shape (the median counts).")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 3, "Rounds, each in a fresh process (the median of their figures counts)."
+)
 
 
 def shape_config(d_model, n_layers, n_heads, tokenizer, microbatches, seq_len, attention):
@@ -96,9 +107,9 @@ def compiled_step(cfg):
     return step.lower(state, batch).compile(), state, batch
 
 
-def main(argv):
-    del argv
-    timing.check_shapes(_SHAPES.value, SHAPES)
+def one_round(shapes, steps):
+    """Measure this machine, then predict and time each shape, printing a row as each is done: the JSON object
+    the module docstring describes, but for its rounds."""
     peak = hardware.measure_matmul_peak()
     fresh, reused = hardware.measure_memory_bandwidth(), hardware.measure_memory_bandwidth(reuse=True)
     dot_seconds = perf_model.dot_timer()  # one timer for every shape: each distinct matmul timed once
@@ -112,7 +123,7 @@ def main(argv):
         f"{'compute s':>9s} {'memory s':>8s}"
     )
     results = {}
-    for name in _SHAPES.value:
+    for name in shapes:
         d, layers, heads, tokenizer, microbatches, seq, attention = SHAPES[name]
         cfg = shape_config(*SHAPES[name])
         compiled, state, batch = compiled_step(cfg)
@@ -133,7 +144,7 @@ def main(argv):
             carried[0], metrics = compiled(carried[0], batch)
             jax.block_until_ready(metrics)
 
-        measured = timing.median_step_seconds(run, _STEPS.value)
+        measured = timing.median_step_seconds(run, steps)
         error = got.seconds / measured - 1
         results[name] = {
             "d_model": d,
@@ -150,28 +161,78 @@ def main(argv):
             "compute_s": round(got.compute_seconds, 5),
             "memory_s": round(got.memory_seconds, 5),
         }
-        label = f"{name}: d{d} L{layers} h{heads} V{VOCAB[tokenizer]} mb{microbatches} S{seq} {attention}"
         print(
-            f"{label:42s} {got.seconds:11.4f} {measured:10.4f} {error:+7.1%} {got.bound:>7s} "
+            f"{label(name):42s} {got.seconds:11.4f} {measured:10.4f} {error:+7.1%} {got.bound:>7s} "
             f"{got.compute_seconds:9.4f} {got.memory_seconds:8.4f}",
             flush=True,
         )
-    errors = [abs(r["error"]) for r in results.values()]
-    median_error = statistics.median(errors)
-    within = all(e <= 0.25 for e in errors)
-    print(f"median |error| {median_error:.1%}; every shape within ±25%: {'yes' if within else 'no'}")
+    return {
+        "peak_gflops": round(peak / 1e9, 1),
+        "fresh_bandwidth_gbps": round(fresh / 1e9, 2),
+        "reused_bandwidth_gbps": round(reused / 1e9, 2),
+        "shapes": results,
+    }
+
+
+def label(name):
+    """'b: d128 L4 h4 V257 mb1 S256 xla'."""
+    d, layers, heads, tokenizer, microbatches, seq, attention = SHAPES[name]
+    return f"{name}: d{d} L{layers} h{heads} V{VOCAB[tokenizer]} mb{microbatches} S{seq} {attention}"
+
+
+def rounds_in_fresh_processes(shapes, steps, rounds):
+    """Each round's JSON object, every round run by a fresh process of this module (its table passed through)."""
+    command = [sys.executable, "-m", "benchmarks.perf_model_cpu", "--rounds=1", f"--steps={steps}"]
+    command.append(f"--shapes={','.join(shapes)}")
+    measured = []
+    for number in range(rounds):
+        print(f"round {number + 1} of {rounds}, in a fresh process:", flush=True)
+        out = subprocess.run(command, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(
+                f"error: round {number + 1} failed (exit {out.returncode}): {out.stderr[-2000:]}"
+            )
+        *table, last = out.stdout.strip().splitlines()
+        print("\n".join(table), flush=True)
+        measured.append(json.loads(last))
+    return measured
+
+
+def medians(rounds):
+    """The rounds' figures as one round's object: per shape the median predicted and measured seconds and the
+    error between them (each round's error beside it in the printed table), the machine's medians."""
+    print(f"median of {len(rounds)} rounds")
+    print(f"{'shape':42s} {'predicted s':>11s} {'measured s':>10s} {'error':>7s}   errors by round")
+    shapes = {}
+    for name in rounds[0]["shapes"]:
+        per_round = [r["shapes"][name] for r in rounds]
+        predicted = round(statistics.median(r["predicted_s"] for r in per_round), 5)
+        measured = round(statistics.median(r["measured_s"] for r in per_round), 5)
+        error = predicted / measured - 1
+        shape = {key: value for key, value in per_round[0].items() if key in SHAPE_KEYS}
+        shapes[name] = {**shape, "predicted_s": predicted, "measured_s": measured, "error": round(error, 4)}
+        by_round = " ".join(f"{r['error']:+.1%}" for r in per_round)
+        print(f"{label(name):42s} {predicted:11.4f} {measured:10.4f} {error:+7.1%}   {by_round}")
+    machine = ("peak_gflops", "fresh_bandwidth_gbps", "reused_bandwidth_gbps")
+    return {key: round(statistics.median(r[key] for r in rounds), 2) for key in machine} | {"shapes": shapes}
+
+
+def main(argv):
+    del argv
+    timing.check_shapes(_SHAPES.value, SHAPES)
+    if _ROUNDS.value == 1:
+        summary = one_round(_SHAPES.value, _STEPS.value)
+    else:
+        rounds = rounds_in_fresh_processes(_SHAPES.value, _STEPS.value, _ROUNDS.value)
+        summary = medians(rounds) | {"rounds": rounds}
+    errors = [abs(r["error"]) for r in summary["shapes"].values()]
+    summary["median_abs_error"] = round(statistics.median(errors), 4)
+    summary["within_25_percent"] = all(e <= 0.25 for e in errors)
     print(
-        json.dumps(
-            {
-                "peak_gflops": round(peak / 1e9, 1),
-                "fresh_bandwidth_gbps": round(fresh / 1e9, 2),
-                "reused_bandwidth_gbps": round(reused / 1e9, 2),
-                "median_abs_error": round(median_error, 4),
-                "within_25_percent": within,
-                "shapes": results,
-            }
-        )
+        f"median |error| {summary['median_abs_error']:.1%}; every shape within ±25%: "
+        f"{'yes' if summary['within_25_percent'] else 'no'}"
     )
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

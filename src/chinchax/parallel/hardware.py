@@ -135,14 +135,13 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
 
 
 def measure_dot_seconds(
-    lhs: tuple[int, ...], rhs: tuple[int, ...], dimension_numbers, repeats: int = 5, loop_flops: float = 2e9
+    lhs: tuple[int, ...], rhs: tuple[int, ...], dimension_numbers, repeats: int = 5, loop_flops: float = 2e8
 ) -> float:
     """Seconds one fp32 `jax.lax.dot_general(lhs, rhs, dimension_numbers)` of these operand dims takes on the
     default device: the median of `repeats` timed calls of the jitted matmul. A matmul of fewer than
     `loop_flops` FLOPs is timed as a jitted loop of enough of them to make that many (each iteration writes one
     element of the previous product into its lhs, so none can be skipped), per iteration, so that the call's
-    dispatch does not count: a compiled step runs its kernels back to back, with no dispatch between them, and
-    a call's dispatch (tens of µs, and as noisy) is a tenth of a matmul of a few hundred MFLOPs."""
+    dispatch does not count."""
     (_, contracting), (_, batch) = dimension_numbers
     flops = 2.0 * math.prod(lhs) * math.prod(d for i, d in enumerate(rhs) if i not in contracting + batch)
     iterations = max(1, min(1000, int(loop_flops // flops)))
