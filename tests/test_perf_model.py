@@ -505,8 +505,8 @@ def _free(rhs, dimension_numbers) -> int:
 def test_a_matmul_is_timed_as_a_plain_jitted_matmul_takes():
     """measure_dot_seconds against a hand timing (median of 9 jitted calls, the same statistic) of the same
     product, for a large matmul (5.4 GFLOPs: timed call by call) and a small batched one (timed in a loop):
-    within a factor 2 of it, and never much faster than the large matmul's rate. The tests run two to a machine, so a neighbour's
-    burst can slow either side: each figure is the best of three interleaved trials."""
+    within a factor 2 of it, and never much faster than the large matmul's rate. The tests run two to a
+    machine, so a neighbour's burst can slow either side: each figure is the best of three interleaved trials."""
     rng = np.random.default_rng(0)
 
     def by_hand(subscripts, lhs, rhs):

@@ -41,8 +41,8 @@ step = Σ_kernels max(matmuls, bytes / fresh) + (runs − 1) · max(matmuls, byt
 Both bandwidths are measured too (chinchax.parallel.hardware); nothing is fitted to step times. What the model
 leaves out: the gaps between kernels, kernels XLA runs side by side on the cores, and caches: the bandwidth is
 that of a 256 MiB pass, while most of a small model's kernels touch a few MiB. On a shared machine that pass
-swings from run to run (45–80 GB/s into fresh buffers on a 2-core VM) while the steps barely move, and the
-prediction moves with it (about ±10%).
+swings from process to process (45–85 GB/s into fresh buffers on a 2-core VM), and the steps by ±15%, not
+together; benchmarks.perf_model_cpu compares medians over fresh processes.
 """
 
 from __future__ import annotations
