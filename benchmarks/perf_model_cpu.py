@@ -58,7 +58,6 @@ SHAPES = {  # name: (d_model, n_layers, n_heads, tokenizer, microbatches, seq_le
     "i": (256, 6, 8, "bytes", 2, 256, "auto"),
 }
 VOCAB = {"bytes": 257, "gpt2": 50304}
-SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "vocab_size", "microbatches", "seq_len", "attention")
 
 _SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Shapes to measure, from {', '.join(SHAPES)}.")
 _STEPS = flags.DEFINE_integer("steps", 7, "Timed steps per shape (the median counts).")
@@ -108,8 +107,8 @@ def compiled_step(cfg):
 
 
 def one_round(shapes, steps):
-    """Measure this machine, then predict and time each shape, printing a row as each is done: the JSON object
-    the module docstring describes, but for its rounds."""
+    """Measure this machine, then predict and time each shape, printing a row as each is done: the round's
+    figures, the module docstring's JSON object but for the median error and the rounds."""
     peak = hardware.measure_matmul_peak()
     fresh, reused = hardware.measure_memory_bandwidth(), hardware.measure_memory_bandwidth(reuse=True)
     dot_seconds = perf_model.dot_timer()  # one timer for every shape: each distinct matmul timed once
@@ -124,11 +123,10 @@ def one_round(shapes, steps):
     )
     results = {}
     for name in shapes:
-        d, layers, heads, tokenizer, microbatches, seq, attention = SHAPES[name]
         cfg = shape_config(*SHAPES[name])
         compiled, state, batch = compiled_step(cfg)
-        step_tokens = BATCH * seq
-        model_flops = flops.flops_per_token(cfg.model, seq) * step_tokens
+        step_tokens = BATCH * cfg.data.seq_len
+        model_flops = flops.flops_per_token(cfg.model, cfg.data.seq_len) * step_tokens
         got = perf_model.predict_kernels(
             perf_model.hlo_kernels(compiled.as_text()),
             dot_seconds,
@@ -147,13 +145,7 @@ def one_round(shapes, steps):
         measured = timing.median_step_seconds(run, steps)
         error = got.seconds / measured - 1
         results[name] = {
-            "d_model": d,
-            "n_layers": layers,
-            "n_heads": heads,
-            "vocab_size": VOCAB[tokenizer],
-            "microbatches": microbatches,
-            "seq_len": seq,
-            "attention": attention,
+            **described(name),
             "predicted_s": round(got.seconds, 5),
             "measured_s": round(measured, 5),
             "error": round(error, 4),
@@ -174,6 +166,20 @@ def one_round(shapes, steps):
     }
 
 
+def described(name):
+    """A shape's settings by name, as the JSON gives them."""
+    d, layers, heads, tokenizer, microbatches, seq, attention = SHAPES[name]
+    return {
+        "d_model": d,
+        "n_layers": layers,
+        "n_heads": heads,
+        "vocab_size": VOCAB[tokenizer],
+        "microbatches": microbatches,
+        "seq_len": seq,
+        "attention": attention,
+    }
+
+
 def label(name):
     """'b: d128 L4 h4 V257 mb1 S256 xla'."""
     d, layers, heads, tokenizer, microbatches, seq, attention = SHAPES[name]
@@ -183,8 +189,8 @@ def label(name):
 def rounds_in_fresh_processes(shapes, steps, rounds):
     """Each round's JSON object, every round run by a fresh process of this module (its table passed through)."""
     command = [sys.executable, "-m", "benchmarks.perf_model_cpu", "--rounds=1", f"--steps={steps}"]
-    command.append(f"--shapes={','.join(shapes)}")
-    measured = []
+    command += [f"--shapes={','.join(shapes)}"]
+    results = []
     for number in range(rounds):
         print(f"round {number + 1} of {rounds}, in a fresh process:", flush=True)
         out = subprocess.run(command, capture_output=True, text=True)
@@ -194,8 +200,8 @@ def rounds_in_fresh_processes(shapes, steps, rounds):
             )
         *table, last = out.stdout.strip().splitlines()
         print("\n".join(table), flush=True)
-        measured.append(json.loads(last))
-    return measured
+        results.append(json.loads(last))
+    return results
 
 
 def medians(rounds):
@@ -209,8 +215,12 @@ def medians(rounds):
         predicted = round(statistics.median(r["predicted_s"] for r in per_round), 5)
         measured = round(statistics.median(r["measured_s"] for r in per_round), 5)
         error = predicted / measured - 1
-        shape = {key: value for key, value in per_round[0].items() if key in SHAPE_KEYS}
-        shapes[name] = {**shape, "predicted_s": predicted, "measured_s": measured, "error": round(error, 4)}
+        shapes[name] = {
+            **described(name),
+            "predicted_s": predicted,
+            "measured_s": measured,
+            "error": round(error, 4),
+        }
         by_round = " ".join(f"{r['error']:+.1%}" for r in per_round)
         print(f"{label(name):42s} {predicted:11.4f} {measured:10.4f} {error:+7.1%}   {by_round}")
     machine = ("peak_gflops", "fresh_bandwidth_gbps", "reused_bandwidth_gbps")
