@@ -2,6 +2,11 @@
 
 NAME is a named scale point (chinchilla_111m … chinchilla_13b, mup_111m … mup_2.7b, mup_40m, cpu_*) or a
 config file `experiments/configs/x.py[:arg]`. With no --config the embedded CPU default trains.
+
+`--dry_run` trains nothing and allocates no training state: it prints the plan and, last, its JSON. On a pod
+preset (`--mesh`) it compiles the step against a virtual mesh of fake CPU devices; on the cpu preset it compiles
+the step when this machine can hold it and predicts it kernel by kernel from matmuls timed here (those too large
+to run here as bounded slices, scaled up by FLOPs), so any point's plan prints in seconds.
 """
 
 from chinchax import malloc
@@ -54,7 +59,9 @@ _MESH = flags.DEFINE_string(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the plan and its JSON; build nothing on devices.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Print the plan, the predicted step and its JSON; allocate no training state."
+)
 
 
 def main(argv):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import resource
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from chinchax import config
 from chinchax.dryrun import report as dry_run
 from chinchax.model import flops, gpt
 from experiments import configs
+from experiments.configs import cerebras_gpt
 
 SEQ = 2048
 
@@ -148,6 +150,48 @@ def test_dry_run_cli_every_point_in_seconds(cerebras_reference):
         forward = L * (2 * 12 * d * d + 2 * 2 * S * d) + 2 * d * V
         assert report["flops_per_token"] == 3 * forward, name
         assert report["train_flops"] == pytest.approx(tokens * 3 * forward, rel=1e-12), name
+
+
+# A published point's dry run on the cpu preset stays within these (address space, seconds), with a margin for
+# CI's two tests at a time on 2 cores: before matmuls were timed as bounded slices, chinchilla_111m's timed its
+# (24576 × 50257) logits at full size and the kernel's OOM killer stopped it at 24 GB after 204 s.
+CPU_DRY_RUN_BYTES = 6 * 2**30
+CPU_DRY_RUN_SECONDS = 180
+CPU_DRY_RUN_IN_DEFAULT_TESTS = ("chinchilla_111m", "mup_590m", "chinchilla_1.3b")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=() if name in CPU_DRY_RUN_IN_DEFAULT_TESTS else pytest.mark.slow)
+        for name in cerebras_gpt.POINTS
+    ],
+)
+def test_a_published_points_cpu_dry_run_prints_its_plan_in_bounded_memory_and_time(name):
+    """`--dry_run` on the default cpu preset under an address-space limit and a timeout: the plan and its JSON.
+    A point this machine can hold is compiled and its step predicted, the matmuls too large to run here timed
+    as slices; its matmul time then cannot beat the compiled step's matmul FLOPs at 1.5× the measured peak."""
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (CPU_DRY_RUN_BYTES, CPU_DRY_RUN_BYTES))
+
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.run", f"--config={name}", "--dry_run"],
+        capture_output=True,
+        text=True,
+        timeout=CPU_DRY_RUN_SECONDS,
+        preexec_fn=limit_memory,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    prediction = report["prediction"]
+    if not report["fits"]:
+        assert "does not fit this machine" in prediction["unavailable"]
+        return
+    assert prediction["matmuls"]["timed_as_slices"] > 0, prediction["matmuls"]
+    matmul_flops = report["aot"]["flops_per_step"]["xla_matmul_per_device"]
+    assert prediction["compute_seconds"] >= matmul_flops / (1.5 * prediction["peak_flops"])
+    assert 0 < prediction["mfu"] <= 1
 
 
 @pytest.mark.parametrize(

@@ -41,3 +41,18 @@ def test_a_reexecuted_process_keeps_freed_memory():
     tunables, faults = rounds({**env, "GLIBC_TUNABLES": ""})
     assert tunables == ""
     assert faults > pages * 0.9
+
+
+def test_gpu_and_tpu_hosts_keep_glibcs_defaults(tmp_path):
+    """No re-execution where JAX will not run on the CPU: JAX_PLATFORMS naming an accelerator, or unset with an
+    accelerator plugin installed (a stand-in distribution's metadata on PYTHONPATH); JAX_PLATFORMS=cpu wins."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAX_PLATFORMS")}
+    assert rounds({**env, "JAX_PLATFORMS": "cuda"})[0] == "None"
+    assert rounds({**env, "JAX_PLATFORMS": "tpu,cpu"})[0] == "None"
+    for plugin in ("jax_cuda12_plugin", "libtpu"):
+        site = tmp_path / plugin
+        (site / f"{plugin}-1.0.dist-info").mkdir(parents=True)
+        (site / f"{plugin}-1.0.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {plugin}\n")
+        with_plugin = {**env, "PYTHONPATH": os.pathsep.join([str(site), env.get("PYTHONPATH", "")])}
+        assert rounds(with_plugin)[0] == "None", plugin
+        assert rounds({**with_plugin, "JAX_PLATFORMS": "cpu"})[0] == malloc.TUNABLES, plugin

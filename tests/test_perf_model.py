@@ -16,6 +16,7 @@ closed-form N_opt, and the outputs of experiments.run --dry_run and experiments.
 
 import dataclasses
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -573,3 +574,44 @@ def test_cpu_prediction_is_the_kernel_roofline_of_the_compiled_step():
     assert got.tokens_per_second == pytest.approx(16 * 64 / got.seconds)
     slow = perf_model.predict_kernels(kernels, lambda d: d.flops / 1e6, fresh, reused, peak, 16 * 64, 1e9)
     assert slow.bound == "compute" and slow.seconds >= slow.compute_seconds
+
+
+@pytest.mark.parametrize(
+    "lhs, rhs, numbers, whole",
+    [
+        ((24576, 768), (768, 50257), (((1,), (0,)), ((), ())), False),  # 111M's logits
+        (
+            (50257, 24576),
+            (24576, 768),
+            (((1,), (0,)), ((), ())),
+            False,
+        ),  # its weight gradient: long contraction
+        ((12, 8, 2048, 64), (12, 8, 2048, 64), (((3,), (3,)), ((0, 1), (0, 1))), False),  # attention scores
+        ((3, 96, 40), (40, 7), (((2,), (0,)), ((), ())), True),  # small: run whole
+    ],
+)
+def test_a_matmul_too_large_to_run_is_timed_as_a_slice_and_scaled_by_flops(
+    monkeypatch, lhs, rhs, numbers, whole
+):
+    """dot_timer runs at most TIMED_DOT_MAX_FLOPS in arrays of at most TIMED_DOT_MAX_BYTES (a still large
+    matmul, so at the matmul rate), and scales the time by FLOPs: with a stand-in timer at 1e11 FLOP/s (FLOPs
+    and bytes counted here from the dims it was given), the whole matmul's time comes back."""
+    ran = []
+
+    def at_1e11(lhs, rhs, numbers):
+        (lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch) = numbers
+        assert [lhs[i] for i in lhs_contracting + lhs_batch] == [rhs[i] for i in rhs_contracting + rhs_batch]
+        free = math.prod(d for i, d in enumerate(rhs) if i not in rhs_contracting + rhs_batch)
+        output = math.prod(lhs) // math.prod(lhs[i] for i in lhs_contracting) * free
+        ran.append((2 * math.prod(lhs) * free, 4 * max(math.prod(lhs), math.prod(rhs), output)))
+        return ran[-1][0] / 1e11
+
+    monkeypatch.setattr(hardware, "measure_dot_seconds", at_1e11)
+    (_, rhs_contracting), (_, rhs_batch) = numbers
+    full = (
+        2 * math.prod(lhs) * math.prod(d for i, d in enumerate(rhs) if i not in rhs_contracting + rhs_batch)
+    )
+    assert perf_model.dot_timer()(perf_model.Dot(lhs, rhs, numbers)) == pytest.approx(full / 1e11, rel=1e-12)
+    ((flops_run, bytes_run),) = ran
+    assert flops_run <= perf_model.TIMED_DOT_MAX_FLOPS and bytes_run <= perf_model.TIMED_DOT_MAX_BYTES
+    assert flops_run == full if whole else perf_model.TIMED_DOT_MAX_FLOPS / 16 <= flops_run < full

@@ -31,7 +31,8 @@ ASSUMPTIONS = (
 CPU_ASSUMPTIONS = (
     "one device runs the step's kernels one after another (chinchax.parallel.perf_model's CPU model): each kernel "
     "max(its matmuls' time, bytes / bandwidth), matmuls timed one by one on this machine, a kernel's first run at "
-    "the bandwidth into fresh buffers and a loop body's later runs at that into reused ones; the gaps between "
+    "the bandwidth into fresh buffers and a loop body's later runs at that into reused ones; a matmul over "
+    "perf_model.TIMED_DOT_MAX_FLOPS or _BYTES is timed as a slice and scaled up by FLOPs; the gaps between "
     "kernels and kernels run side by side are left out (benchmarks.perf_model_cpu measures the error per shape)"
 )
 
@@ -202,8 +203,12 @@ def cpu_prediction(report: dict, resolved: ml_collections.ConfigDict, hlo_text: 
         step_tokens,
         report["flops_per_token"] * step_tokens,
     )
+    matmuls = {d for k in kernels for d in k.dots}
+    sliced = sum(perf_model.timed_slice(d) != d for d in matmuls)
     if got.bound == "compute":
-        detail = f"compute: {len({d for k in kernels for d in k.dots})} distinct matmuls, each timed here"
+        detail = f"compute: {len(matmuls)} distinct matmuls, each timed here"
+        if sliced:
+            detail += f" ({sliced} too large to run here timed as slices and scaled up by FLOPs)"
     else:
         detail = (
             f"memory: {fresh / 1e9:.0f} GB/s into fresh buffers, {reused / 1e9:.0f} GB/s into reused ones"
@@ -212,6 +217,7 @@ def cpu_prediction(report: dict, resolved: ml_collections.ConfigDict, hlo_text: 
         **_timing(got, detail, report["tokens"], 1),
         "bandwidths": {"fresh": fresh, "reused": reused},
         "kernels": sum(k.runs for k in kernels),
+        "matmuls": {"distinct": len(matmuls), "timed_as_slices": sliced},
         "peak_flops": peak,
         "peak_source": peak_source,
         "assumptions": CPU_ASSUMPTIONS,

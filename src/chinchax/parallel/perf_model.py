@@ -367,9 +367,37 @@ class Dot:
     @property
     def flops(self) -> float:
         """2 · output elements · contraction size."""
+        return 2.0 * math.prod(self.lhs) * math.prod(self.rhs[i] for i in self._rhs_free)
+
+    @property
+    def largest_array_bytes(self) -> float:
+        """fp32 bytes of the largest of its operands and its output."""
+        (_, rhs_contracting), _ = self.dimension_numbers
+        output = self.flops / 2 / math.prod(self.rhs[i] for i in rhs_contracting)
+        return 4.0 * max(math.prod(self.lhs), math.prod(self.rhs), output)
+
+    @property
+    def _rhs_free(self) -> list[int]:
         (_, rhs_contracting), (_, rhs_batch) = self.dimension_numbers
-        rhs_free = [d for i, d in enumerate(self.rhs) if i not in rhs_contracting + rhs_batch]
-        return 2.0 * math.prod(self.lhs) * math.prod(rhs_free)
+        return [i for i in range(len(self.rhs)) if i not in rhs_contracting + rhs_batch]
+
+    def bounded(self, max_flops: float, max_bytes: float) -> Dot:
+        """This matmul with its largest dim halved (rounded up) until it makes at most `max_flops` FLOPs and no
+        operand or output holds more than `max_bytes` fp32 bytes: a slice that runs anywhere in bounded time and
+        memory, whose time scales back up by FLOPs (a matmul that large runs at the machine's matmul rate). A
+        contracting or batch dim is halved in both operands."""
+        (lhs_contracting, rhs_contracting), (lhs_batch, rhs_batch) = self.dimension_numbers
+        partner = dict(zip(lhs_contracting + lhs_batch, rhs_contracting + rhs_batch, strict=True))
+        dot = self
+        while dot.flops > max_flops or dot.largest_array_bytes > max_bytes:
+            lhs, rhs = list(dot.lhs), list(dot.rhs)
+            places = [(lhs, i) for i in range(len(lhs))] + [(rhs, i) for i in dot._rhs_free]
+            dims, i = max(places, key=lambda place: place[0][place[1]])
+            dims[i] = -(-dims[i] // 2)
+            if dims is lhs and i in partner:
+                rhs[partner[i]] = lhs[i]
+            dot = Dot(tuple(lhs), tuple(rhs), self.dimension_numbers)
+        return dot
 
 
 # instructions that launch nothing and move nothing, and those whose callees run as kernels of their own
@@ -469,9 +497,28 @@ def hlo_kernels(hlo_text: str) -> list[Kernel]:
     return kernels
 
 
+# The largest matmul dot_timer runs: about 20 ms at 100 GFLOP/s, in under 200 MiB.
+TIMED_DOT_MAX_FLOPS = 2e9
+TIMED_DOT_MAX_BYTES = 2**26
+
+
+def timed_slice(dot: Dot) -> Dot:
+    """The matmul dot_timer runs for `dot`: itself, or its `Dot.bounded` slice when it is over
+    TIMED_DOT_MAX_FLOPS or TIMED_DOT_MAX_BYTES."""
+    return dot.bounded(TIMED_DOT_MAX_FLOPS, TIMED_DOT_MAX_BYTES)
+
+
 def dot_timer() -> Callable[[Dot], float]:
-    """Seconds a Dot takes on this machine (hardware.measure_dot_seconds), each distinct Dot timed once."""
-    return functools.cache(lambda dot: hardware.measure_dot_seconds(dot.lhs, dot.rhs, dot.dimension_numbers))
+    """Seconds a Dot takes on this machine (hardware.measure_dot_seconds), each distinct Dot timed once, as its
+    `timed_slice` scaled up by FLOPs."""
+
+    def seconds(dot: Dot) -> float:
+        part = timed_slice(dot)
+        return (
+            hardware.measure_dot_seconds(part.lhs, part.rhs, part.dimension_numbers) * dot.flops / part.flops
+        )
+
+    return functools.cache(seconds)
 
 
 def predict_kernels(
