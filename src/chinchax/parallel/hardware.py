@@ -17,6 +17,7 @@ import json
 import math
 import pathlib
 import platform
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -98,7 +99,7 @@ DEVICES: dict[str, Device] = {  # by_kind takes the first match: the more specif
                   "12 × 100 Gigabit Ethernet (1.2 Tb/s); Cerebras weight-streaming white paper: weights "
                   "stream in from MemoryX and gradients reduce out through SwarmX over these links"),
     "cpu": Device("host CPU", "cpu", None, None, True, "cpu",
-                  "this machine: available RAM split over its local devices; peak measured",
+                  "this machine: available RAM (or ulimit -v) split over its local devices; peak measured",
                   bandwidth_source="this machine: memory bandwidth measured (measure_memory_bandwidth: a jitted "
                   "elementwise pass over 256 MiB of fp32 into fresh, or reused, buffers; bytes read and written "
                   "over the best of three median times)"),
@@ -115,10 +116,15 @@ def by_kind(device_kind: str) -> Device | None:
 
 
 def host_memory_per_device(local_devices: int) -> int:
-    """The host's available RAM over its local (fake CPU) devices, in bytes."""
+    """The host's available RAM, or this process's address-space limit (`ulimit -v`) when lower, over its local
+    (fake CPU) devices, in bytes."""
     with open("/proc/meminfo") as f:
         fields = dict(line.split(":", 1) for line in f)
-    return int(fields["MemAvailable"].split()[0]) * 1024 // max(1, local_devices)
+    memory = int(fields["MemAvailable"].split()[0]) * 1024
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if limit != resource.RLIM_INFINITY:
+        memory = min(memory, limit)
+    return memory // max(1, local_devices)
 
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
