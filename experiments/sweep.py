@@ -7,11 +7,13 @@ and runs the sweep's analysis (fit.json / mutransfer.json and PNGs in ROOT).
 Points with summary.json are skipped, so rerunning resumes a sweep (a killed point from its checkpoint).
 ray does the same with each pending point as a Ray task holding its mesh preset's GPUs or TPUs (one CPU on
 the cpu preset; --ray_resources overrides), on the cluster at --ray_address or on a new local Ray instance.
-slurm writes ROOT/slurm/sweep.sbatch (an array job over the pending points); print prints one command per
+slurm writes ROOT/slurm/sweep.sbatch (an array job over the pending points; sweep-<N>hosts.sbatch for
+points whose mesh preset spans N hosts, each run by srun as one task per host); print prints one command per
 pending point (for the hosts of a pod, or xargs -P); gather only gathers and analyses what is done.
 Sweeps: experiments/configs/sweeps.py (--list names them).
 """
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -69,10 +71,34 @@ def list_sweeps() -> str:
     return "\n".join(lines)
 
 
+def point_preset(point: plan.Point) -> mesh.Preset:
+    """The point's mesh preset."""
+    cfg = plan.configure(configs.get(point.base), point.overrides)
+    return mesh.preset(cfg.mesh.preset)
+
+
 def point_resources(point: plan.Point) -> dict[str, float]:
     """The Ray resources of the point's mesh preset."""
-    cfg = plan.configure(configs.get(point.base), point.overrides)
-    return launch.ray_resources(mesh.preset(cfg.mesh.preset))
+    return launch.ray_resources(point_preset(point))
+
+
+def write_slurm(sweep: sweep_lib.Sweep, root: pathlib.Path) -> list[pathlib.Path]:
+    """One SLURM array script per number of hosts the pending points span (an array's tasks share one shape)."""
+    by_hosts: dict[int, list[plan.Point]] = {}
+    for point in sweep.points:
+        by_hosts.setdefault(launch.preset_hosts(point_preset(point)), []).append(point)
+    scripts = [
+        launch.write_slurm(
+            dataclasses.replace(sweep, points=tuple(points)),
+            root,
+            REPO,
+            tuple(_SBATCH.value),
+            _PYTHON.value,
+            hosts,
+        )
+        for hosts, points in by_hosts.items()
+    ]
+    return [script for script in scripts if script]
 
 
 def parse_resources(text: str) -> dict[str, float]:
@@ -102,8 +128,8 @@ def main(argv):
         print(launch.print_commands(sweep, root, REPO, _PYTHON.value))
         return
     if _LAUNCHER.value == "slurm":
-        script = launch.write_slurm(sweep, root, REPO, tuple(_SBATCH.value), _PYTHON.value)
-        print(f"submit with: sbatch {script}" if script else f"{sweep.name}: every point is done")
+        scripts = write_slurm(sweep, root)
+        print("\n".join(f"submit with: sbatch {s}" for s in scripts) or f"{sweep.name}: every point is done")
         return
     start = time.perf_counter()
     outcomes = []

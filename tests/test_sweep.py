@@ -227,7 +227,7 @@ def test_slurm_and_print_cover_only_pending_points(fake_runner):
     script = launch.write_slurm(sweep, root, REPO, ("--partition=gpu",))
     text = script.read_text()
     assert "#SBATCH --array=1-4" in text and "#SBATCH --partition=gpu" in text
-    commands = (root / "slurm" / "commands.txt").read_text().splitlines()
+    commands = (root / "slurm" / "commands-1.txt").read_text().splitlines()
     assert [c.split("--workdir=")[1].split()[0] for c in commands] == [
         str(root / "runs" / p.name) for p in sweep.points[3:]
     ]

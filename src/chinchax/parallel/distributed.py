@@ -3,7 +3,11 @@
 JAX/XLA is the distributed engine; this module only decides how to call it. In order of precedence:
 explicit arguments (run.py's --coordinator_address / --num_processes / --process_id flags), the
 environment variables JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, then a SLURM job with
-more than one task (JAX reads SLURM_* itself), else a single process and nothing to do. Once initialised,
+more than one task (JAX reads SLURM_* itself), else a single process and nothing to do. Inside a SLURM job a
+given coordinator takes the process count and id SLURM gives each task (SLURM_NTASKS / SLURM_PROCID): so
+chinchax.scaling.launch's sbatch script starts a multi-host point, one task per host. A process given its
+coordinator drives all its host's devices: JAX's cluster detection, which would narrow a SLURM task to device
+SLURM_LOCALID, stays off (JAX_LOCAL_DEVICE_IDS still narrows it). Once initialised,
 every process sees the global devices; `mesh.make_mesh` spans them and `mesh.global_batch` assembles each
 step's batch from every process's rows (`mesh.process_batch_rows`). Every process computes the whole run;
 only the writer (`is_writer`: process 0) writes its files.
@@ -41,6 +45,9 @@ def resolve(
     coordinator = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
     count = num_processes if num_processes is not None else _int(env, "JAX_NUM_PROCESSES")
     index = process_id if process_id is not None else _int(env, "JAX_PROCESS_ID")
+    if coordinator and "SLURM_JOB_ID" in env:  # one of srun's tasks: SLURM numbers them
+        count = count if count is not None else _int(env, "SLURM_NTASKS")
+        index = index if index is not None else _int(env, "SLURM_PROCID")
     if coordinator or (count or 1) > 1:
         if not coordinator or count is None or index is None:
             raise ConfigError(
@@ -73,7 +80,12 @@ def initialize(
     """Join the multi-process run if there is one (before any other JAX call); return how it was joined."""
     launch = resolve(coordinator_address, num_processes, process_id)
     if launch.mode == "explicit":
-        jax.distributed.initialize(launch.coordinator_address, launch.num_processes, launch.process_id)
+        jax.distributed.initialize(
+            launch.coordinator_address,
+            launch.num_processes,
+            launch.process_id,
+            cluster_detection_method="deactivate",
+        )
     elif launch.mode == "slurm":
         jax.distributed.initialize()
     return launch

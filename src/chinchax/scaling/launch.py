@@ -1,10 +1,11 @@
 """Launchers: train a sweep's pending points here (subprocesses), on a Ray cluster, or as a SLURM array job.
 
 Every launcher runs a point as the same experiments.run command (`command`) in the point's workdir, appending
-its output to the point's log. The local and Ray launchers run it through `run_point`: under the point's lock
-(two launchers on one root never train a point at once), skipping points that are done or diverged, and
-recording a divergence in root/diverged/ so it is not retried. A killed point resumes from its checkpoint when
-its command runs again, so rerunning any launcher resumes the sweep.
+its output to the point's log, under the point's lock (two launchers on one root never train a point at once),
+skipping points that are done or diverged, and recording a divergence in root/diverged/ so it is not retried:
+the local and Ray launchers through `run_point`, a SLURM array task through its script (flock(1) takes the same
+lock). A killed point resumes from its checkpoint when its command runs again, so rerunning any launcher resumes
+the sweep.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import fcntl
+import itertools
 import os
 import pathlib
 import shlex
@@ -58,10 +60,15 @@ class Outcome:
     message: str = ""
 
 
+def lock_path(root: pathlib.Path, point: Point) -> pathlib.Path:
+    """The file whose flock(2) lock a launcher holds while it trains the point."""
+    return root / "logs" / f".{point.name}.lock"
+
+
 @contextlib.contextmanager
 def _point_lock(root: pathlib.Path, point: Point):
     """Yield True when this process holds the point's lock (another sweep on the same root may hold it)."""
-    path = root / "logs" / f".{point.name}.lock"
+    path = lock_path(root, point)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         try:
@@ -77,6 +84,14 @@ def _last_error(log: pathlib.Path) -> str:
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
     return (errors or lines or ["(no output)"])[-1]
+
+
+def record_divergence(path: str | os.PathLike, point: str, log: str | os.PathLike) -> str:
+    """Record at `path` (the point's diverged_path) that the point diverged, so no launcher retries it; returns
+    the error, its log's last one."""
+    message = _last_error(pathlib.Path(log))
+    atomic.write_json(path, {"point": point, "error": message}, indent=None)
+    return message
 
 
 def run_point(
@@ -104,13 +119,10 @@ def run_point(
         seconds = time.perf_counter() - start
         if status(root, point) == "done":
             return Outcome(point.name, "done", seconds)
-        message = _last_error(log)
         if rc == DIVERGED_STATUS:
-            atomic.write_json(
-                diverged_path(root, point), {"point": point.name, "error": message}, indent=None
-            )
+            message = record_divergence(diverged_path(root, point), point.name, log)
             return Outcome(point.name, "diverged", seconds, message)
-        return Outcome(point.name, "failed", seconds, f"exit {rc}: {message} (log: {log})")
+        return Outcome(point.name, "failed", seconds, f"exit {rc}: {_last_error(log)} (log: {log})")
 
 
 def _wait(child: subprocess.Popen) -> int:
@@ -204,6 +216,15 @@ def run_local(
     return tally.outcomes
 
 
+def preset_hosts(preset) -> int:
+    """The hosts a mesh preset (chinchax.parallel.mesh.Preset) spans: its devices over its device's devices per
+    host; 1 for a preset of one host or of all visible devices."""
+    per_host = preset.device.devices_per_host
+    if not per_host or preset.devices is None:
+        return 1
+    return -(-preset.devices // per_host)
+
+
 def ray_resources(preset) -> dict[str, float]:
     """A point's Ray resources from its mesh preset (chinchax.parallel.mesh.Preset): the preset's GPUs or TPUs, or one
     CPU for a CPU preset."""
@@ -215,9 +236,9 @@ def ray_resources(preset) -> dict[str, float]:
             f"no Ray resources known for a {platform} preset of {preset.devices} devices; give them explicitly"
         )
     per_host = preset.device.devices_per_host
-    if per_host and preset.devices > per_host:
+    if preset_hosts(preset) > 1:
         raise SweepError(
-            f"a preset of {preset.devices} {preset.device.name} spans {preset.devices // per_host} hosts; the ray "
+            f"a preset of {preset.devices} {preset.device.name} spans {preset_hosts(preset)} hosts; the ray "
             f"launcher runs a point as one task on one node of up to {per_host} (use the slurm launcher, or run "
             "the point on every host with --coordinator_address)"
         )
@@ -304,48 +325,93 @@ def print_commands(sweep: Sweep, root: pathlib.Path, cwd: pathlib.Path, python: 
     return "\n".join(lines)
 
 
+# A point of several hosts: process 0 runs on the allocation's first host (the host JAX's own SLURM detection
+# picks), at the port JAX would pick from the job id unless JAX_COORDINATOR_PORT names one.
+SLURM_COORDINATOR = (
+    'host=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1 || true)',
+    'export JAX_COORDINATOR_ADDRESS="${host:-$(hostname)}:${JAX_COORDINATOR_PORT:-$((61440 + SLURM_JOB_ID % 4096))}"',
+)
+
+
 def write_slurm(
     sweep: Sweep,
     root: pathlib.Path,
     cwd: pathlib.Path,
     sbatch_options: tuple[str, ...] = (),
     python: str = sys.executable,
+    hosts: int = 1,
 ) -> pathlib.Path | None:
-    """root/slurm/{commands.txt, sweep.sbatch}: an array job, one task per pending point; None when none pends.
+    """An array job, one task per pending point of `hosts` hosts each: root/slurm/sweep.sbatch
+    (sweep-<hosts>hosts.sbatch for several) over a new root/slurm/commands-<n>.txt; None when none pends.
 
-    Each task skips its point if summary.json appeared meanwhile and appends to the point's log; `python` runs
-    experiments.run (by default this interpreter: a shared file system shows it to every node). SLURM's TERM
-    two minutes before the time limit is forwarded to the trainer, which checkpoints; resubmitting (this
-    command writes a new array over what is still pending) resumes those points from their checkpoints.
+    A task does what `run_point` does: under the point's lock (held elsewhere: it leaves the point), unless the
+    point is done or diverged, it runs experiments.run with `python` (by default this interpreter: a shared file
+    system shows it to every node), appending to the point's log, and records a divergence. A point of several
+    hosts runs under srun, one task per host, with JAX_COORDINATOR_ADDRESS set (SLURM numbers the processes:
+    chinchax.parallel.distributed). SLURM's TERM two minutes before the time limit is forwarded to the trainer,
+    which checkpoints. Resubmitting resumes those points: every submission reads its own commands file, so an
+    earlier array's queued tasks still run the points they were submitted for (skipping those done meanwhile).
     """
     todo = pending(sweep, root)
     if not todo:
         return None
     folder = root / "slurm"
     (root / "logs").mkdir(parents=True, exist_ok=True)
-    lines = [
-        f"test -f {shlex.quote(str(workdir(root, p) / 'summary.json'))} || "
-        f"exec {shlex.join(command(root, p, python))} >> {shlex.quote(str(log_path(root, p)))} 2>&1"
-        for p in todo
-    ]
-    atomic.write_text(folder / "commands.txt", "\n".join(lines) + "\n")
+    commands = _new_commands_file(folder)
+    atomic.write_text(commands, "".join(_task_line(root, p, python) + "\n" for p in todo))
+    several = hosts > 1
     header = [
         "#!/bin/bash",
         f"#SBATCH --job-name={sweep.name}",
         f"#SBATCH --array=1-{len(todo)}",
         f"#SBATCH --output={folder}/%A_%a.out",
         "#SBATCH --signal=B:TERM@120",  # time to checkpoint before the time limit
+        *([f"#SBATCH --nodes={hosts}", "#SBATCH --ntasks-per-node=1"] if several else []),
         *[f"#SBATCH {option}" for option in sbatch_options],
     ]
+    launcher = f"srun --nodes={hosts} --ntasks-per-node=1 " if several else ""
+    record = "import sys; from chinchax.scaling import launch; launch.record_divergence(*sys.argv[1:])"
     body = [
         "set -euo pipefail",
         f"cd {shlex.quote(str(cwd))}",
-        f'line=$(sed -n "${{SLURM_ARRAY_TASK_ID}}p" {shlex.quote(str(folder / "commands.txt"))})',
-        'bash -c "$line" &',  # `exec` in the line makes this child the trainer itself
+        f'eval "set -- $(sed -n "${{SLURM_ARRAY_TASK_ID}}p" {shlex.quote(str(commands))})"',
+        "point=$1 lock=$2 summary=$3 diverged=$4 log=$5",
+        "shift 5  # the rest: the point's experiments.run command",
+        'exec 9>"$lock"',
+        'flock --nonblock 9 || { echo "$point: another sweep process is running it"; exit 0; }',
+        'if [ -e "$summary" ] || [ -e "$diverged" ]; then exit 0; fi',
+        *(SLURM_COORDINATOR if several else ()),
+        f'{launcher}"$@" >> "$log" 2>&1 &',
         "trainer=$!",
         "trap 'kill -TERM \"$trainer\"' TERM",  # forward SLURM's warning: the trainer checkpoints and stops
-        'wait "$trainer" || wait "$trainer"',
+        "status=0",
+        'wait "$trainer" || wait "$trainer" || status=$?',  # a wait the trap cut short waits again
+        f'if [ "$status" -eq {DIVERGED_STATUS} ]; then',
+        f'  {shlex.quote(python)} -c {shlex.quote(record)} "$diverged" "$point" "$log"',
+        "fi",
+        'exit "$status"',
     ]
-    script = folder / "sweep.sbatch"
+    script = folder / (f"sweep-{hosts}hosts.sbatch" if several else "sweep.sbatch")
     atomic.write_text(script, "\n".join(header + [""] + body) + "\n")
     return script
+
+
+def _task_line(root: pathlib.Path, point: Point, python: str) -> str:
+    """A commands file's line for the point, as shell words: its name, lock, summary.json, divergence record and
+    log, then its command."""
+    summary = workdir(root, point) / "summary.json"
+    files = (lock_path(root, point), summary, diverged_path(root, point), log_path(root, point))
+    return shlex.join([point.name, *map(str, files), *command(root, point, python)])
+
+
+def _new_commands_file(folder: pathlib.Path) -> pathlib.Path:
+    """folder/commands-<n>.txt for the first n not yet taken, created empty and exclusively (two writers never
+    share one)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count(1):
+        path = folder / f"commands-{n}.txt"
+        try:
+            path.touch(exist_ok=False)
+        except FileExistsError:
+            continue
+        return path
