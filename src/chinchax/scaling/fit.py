@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -439,25 +440,67 @@ def _allocation(flops, optimal_params, optimal_tokens, optimal_loss, samples, pa
     )
 
 
-def _envelope(curves, grid_log_flops):
-    """Per C of the grid: the least (log-interpolated) loss over the curves, and the N and D of the curve there.
+class TrainingCurve(NamedTuple):
+    """One run's loss against training FLOPs, ascending in C; it covers only its own FLOP range."""
 
-    curves: (N, log C ascending, loss, log D) per run; a curve covers only its own FLOP range.
+    params: float  # N
+    log_flops: np.ndarray  # log C (C in FLOPs), ascending
+    loss: np.ndarray  # nats/token
+    log_tokens: np.ndarray  # log D (D in tokens)
+
+
+def training_curves(run, params, flops, loss, tokens) -> list[TrainingCurve]:
+    """The groups of `run` (e.g. the model size) with at least two points, as training curves."""
+    curves = []
+    for name in np.unique(run):
+        member = run == name
+        if member.sum() >= 2:
+            order = np.argsort(flops[member])
+            curves.append(
+                TrainingCurve(
+                    float(params[member][0]),
+                    np.log(flops[member][order]),
+                    loss[member][order],
+                    np.log(tokens[member][order]),
+                )
+            )
+    return curves
+
+
+def envelope_span(curves: list[TrainingCurve]) -> tuple[float, float]:
+    """log C from the earliest curve start to the second-latest curve end (beyond, one curve alone: no envelope
+    to take). Needs two curves."""
+    return min(c.log_flops[0] for c in curves), sorted(c.log_flops[-1] for c in curves)[-2]
+
+
+def resampled_curves(curves: list[TrainingCurve], rng: np.random.Generator) -> list[TrainingCurve]:
+    """The distinct curves of a draw of len(curves) with replacement (a curve drawn twice leaves the envelope as
+    it is, and the span needs distinct curves)."""
+    return [curves[i] for i in np.unique(rng.choice(len(curves), len(curves)))]
+
+
+def envelope(curves: list[TrainingCurve], grid_log_flops):
+    """The lower envelope of the curves where it estimates N_opt: those grid points' log C, the least
+    (log-interpolated) loss there, and the N and D of the curve that has it.
+
+    Left out: points outside the curves' span (envelope_span), points no curve reaches (never given to a curve
+    that stops short of them), and points won by the smallest or the largest N, where N_opt may lie beyond the
+    sizes tried (a bound, not an estimate: kept, they flatten the fitted exponent).
     """
-    envelope = np.full((len(curves), len(grid_log_flops)), np.inf)
-    for i, (_, log_c, curve_loss, _) in enumerate(curves):
-        inside = (grid_log_flops >= log_c[0]) & (grid_log_flops <= log_c[-1])
-        envelope[i, inside] = np.interp(grid_log_flops[inside], log_c, curve_loss)
-    winner = envelope.argmin(axis=0)
-    least = envelope.min(axis=0)
-    sizes = np.array([curves[w][0] for w in winner])
-    tokens = np.array(
-        [
-            np.exp(np.interp(x, curves[w][1], curves[w][3]))
-            for w, x in zip(winner, grid_log_flops, strict=True)
-        ]
-    )
-    return least, sizes, tokens
+    low, high = envelope_span(curves)
+    log_flops = grid_log_flops[(grid_log_flops >= low) & (grid_log_flops <= high)]
+    curve_loss = np.full((len(curves), len(log_flops)), np.inf)
+    log_tokens = np.full_like(curve_loss, np.nan)
+    for i, curve in enumerate(curves):
+        inside = (log_flops >= curve.log_flops[0]) & (log_flops <= curve.log_flops[-1])
+        curve_loss[i, inside] = np.interp(log_flops[inside], curve.log_flops, curve.loss)
+        log_tokens[i, inside] = np.interp(log_flops[inside], curve.log_flops, curve.log_tokens)
+    reached = np.flatnonzero(np.isfinite(curve_loss).any(axis=0))
+    winner = curve_loss[:, reached].argmin(axis=0)
+    sizes = np.array([c.params for c in curves])
+    inner = (sizes[winner] > sizes.min()) & (sizes[winner] < sizes.max())
+    reached, winner = reached[inner], winner[inner]
+    return log_flops[reached], curve_loss[winner, reached], sizes[winner], np.exp(log_tokens[winner, reached])
 
 
 def approach1_envelope(
@@ -471,44 +514,34 @@ def approach1_envelope(
     resamples: int = 0,
     seed: int | None = None,
 ) -> AllocationFit | None:
-    """Approach 1: at each of `num_flops` log-spaced C, the run with the least (log-interpolated) loss gives
-    N_opt, and its tokens at that C give D_opt (C / 6N without a tokens column).
+    """Approach 1: at each of `num_flops` log-spaced C over the runs' span, the run with the least
+    (log-interpolated) loss gives N_opt, and its tokens at that C give D_opt (C / 6N without a tokens column);
+    `envelope` says which C are left out.
 
     Runs are the groups of `run` (e.g. the model size) with at least two points; None when fewer than two runs
-    or fewer than three distinct winners remain. CIs of the exponents refit on runs resampled with replacement.
+    or fewer than three distinct winners remain. CIs of the exponents refit on runs resampled with replacement,
+    each resample's envelope taken over the C its own runs reach.
     """
     run, params, flops, loss = (np.asarray(v) for v in (run, params, flops, loss))
     tokens = flops / (6.0 * params) if tokens is None else np.asarray(tokens, dtype=np.float64)
-    curves = []
-    for name in np.unique(run):
-        member = run == name
-        if member.sum() >= 2:
-            order = np.argsort(flops[member])
-            curves.append(
-                (
-                    float(params[member][0]),
-                    np.log(flops[member][order]),
-                    loss[member][order],
-                    np.log(tokens[member][order]),
-                )
-            )
+    curves = training_curves(run, params, flops, loss, tokens)
     if len(curves) < 2:
         return None
-    low = min(c[1][0] for c in curves)
-    high = sorted(c[1][-1] for c in curves)[-2]  # beyond, one curve alone: no envelope to take
-    grid_log_flops = np.linspace(low, high, num_flops)
-    least, sizes, optimal_tokens = _envelope(curves, grid_log_flops)
+    grid_log_flops = np.linspace(*envelope_span(curves), num_flops)
+    log_flops, least, sizes, optimal_tokens = envelope(curves, grid_log_flops)
     if len(np.unique(sizes)) < 3:
         return None
     samples = {"a": [], "b": []}
     rng = np.random.default_rng(seed)
     for _ in range(resamples):
-        picked = [curves[i] for i in rng.choice(len(curves), len(curves))]
-        _, n, d = _envelope(picked, grid_log_flops)
+        picked = resampled_curves(curves, rng)
+        if len(picked) < 2:
+            continue
+        resampled_log_flops, _, n, d = envelope(picked, grid_log_flops)
         if len(np.unique(n)) >= 3:
-            samples["a"].append(power_law_fit(np.exp(grid_log_flops), n).exponent)
-            samples["b"].append(power_law_fit(np.exp(grid_log_flops), d).exponent)
-    return _allocation(np.exp(grid_log_flops), sizes, optimal_tokens, least, samples)
+            samples["a"].append(power_law_fit(np.exp(resampled_log_flops), n).exponent)
+            samples["b"].append(power_law_fit(np.exp(resampled_log_flops), d).exponent)
+    return _allocation(np.exp(log_flops), sizes, optimal_tokens, least, samples)
 
 
 def isoflop_budgets(flops, tolerance: float = 0.1) -> np.ndarray:
