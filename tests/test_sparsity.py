@@ -25,33 +25,33 @@ EVERY = 100
 
 @pytest.mark.parametrize("name, steps, start, end, target, published", CARDS, ids=[c[0] for c in CARDS])
 def test_geometric_schedule_matches_the_published_runs(name, steps, start, end, target, published):
-    schedule = sparsity.make_schedule("geometric", target, start, end, EVERY)
-    assert sparsity.average_density(schedule, steps) == pytest.approx(published, abs=1e-3)
+    schedule = flops.make_schedule("geometric", target, start, end, EVERY)
+    assert flops.average_density(schedule, steps) == pytest.approx(published, abs=1e-3)
     assert schedule.densities[-1] == pytest.approx(1 - target)
-    spent = sparsity.compute_fractions(schedule, steps)
+    spent = flops.compute_fractions(schedule, steps)
     assert spent[start] == pytest.approx(0.25, abs=0.005)
     assert spent[end] == pytest.approx(0.75, abs=0.005)
-    cubic = sparsity.make_schedule("cubic", target, start, end, EVERY)
-    assert abs(sparsity.average_density(cubic, steps) - published) > 0.02
+    cubic = flops.make_schedule("cubic", target, start, end, EVERY)
+    assert abs(flops.average_density(cubic, steps) - published) > 0.02
     assert cubic.densities[-1] == pytest.approx(1 - target)
 
 
 @pytest.mark.parametrize("name, steps, start, end, target, published", CARDS, ids=[c[0] for c in CARDS])
 def test_compute_fractions_solve_to_the_published_steps(name, steps, start, end, target, published):
-    solved_start, solved_end = sparsity.solve_steps("geometric", target, steps, 0.25, 0.75, EVERY)
+    solved_start, solved_end = flops.solve_steps("geometric", target, steps, 0.25, 0.75, EVERY)
     assert abs(solved_start - start) <= EVERY and abs(solved_end - end) <= EVERY
-    spent = sparsity.compute_fractions(
-        sparsity.make_schedule("geometric", target, solved_start, solved_end, EVERY), steps
+    spent = flops.compute_fractions(
+        flops.make_schedule("geometric", target, solved_start, solved_end, EVERY), steps
     )
     assert spent[solved_start] == pytest.approx(0.25, abs=0.005)
     assert spent[solved_end] == pytest.approx(0.75, abs=0.005)
 
 
 def test_one_shot_prunes_once_at_the_start_fraction():
-    start, end = sparsity.solve_steps("one_shot", 0.5, 1000, 0.25, 0.75, EVERY)
-    schedule = sparsity.make_schedule("one_shot", 0.5, start, end, EVERY)
+    start, end = flops.solve_steps("one_shot", 0.5, 1000, 0.25, 0.75, EVERY)
+    schedule = flops.make_schedule("one_shot", 0.5, start, end, EVERY)
     assert schedule.steps == (start,) and schedule.densities == (0.5,)
-    assert sparsity.compute_fractions(schedule, 1000)[start] == pytest.approx(0.25, abs=0.005)
+    assert flops.compute_fractions(schedule, 1000)[start] == pytest.approx(0.25, abs=0.005)
 
 
 def test_masks_under_adamw_with_weight_decay():
@@ -63,7 +63,7 @@ def test_masks_under_adamw_with_weight_decay():
     cfg.train.update(weight_decay=0.1, peak_lr=1e-2, tokens=100 * cfg.train.batch_size * cfg.data.seq_len)
     cfg = config.validate(cfg)
     params = gpt.init_params(cfg.model, jax.random.key(0))
-    schedule = sparsity.make_schedule("geometric", 0.7, 20, 60, 10)
+    schedule = flops.make_schedule("geometric", 0.7, 20, 60, 10)
     opt = sparsity.prune(optim.make_optimizer(cfg, params, cfg.train.tokens), schedule)
     state = opt.init(params)
 
@@ -119,7 +119,7 @@ def test_ranking_is_global_over_all_prunable_tensors():
         "norm": {"scale": np.full(8, 1e-3, np.float32)},
     }
     original = jax.tree.map(np.copy, params)
-    schedule = sparsity.Schedule(steps=(1, 2), densities=(0.5, 0.2))
+    schedule = flops.Schedule(steps=(1, 2), densities=(0.5, 0.2))
     opt = sparsity.prune(optax.identity(), schedule)
     state = opt.init(params)
     big, small = np.abs(params["big"]["kernel"]), np.abs(params["small"]["kernel"])
@@ -162,7 +162,8 @@ def test_a_sparse_run_logs_density_and_n_avg(tmp_path):
     average = np.mean([schedule.density_at(step) for step in range(24)])
     assert summary["n_avg"] == pytest.approx(params - prunable * (1 - average))
     assert summary["final_density"] == 0.5 and summary["average_density"] == pytest.approx(average)
-    dense_flops = flops.plan(cfg).train_flops
+    dense_flops = flops.plan(cfg).train_flops_dense
+    assert summary["train_flops_dense"] == dense_flops
     assert summary["train_flops"] == pytest.approx(dense_flops - 6 * prunable * (1 - average) * 8 * 64 * 24)
     _, saved = checkpoint.load_params(tmp_path)
     kernels = [

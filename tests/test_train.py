@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -197,7 +198,9 @@ def stop_with_sigterm(workdir, overrides, ready, what):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
-    assert "Resume with" in stderr, stderr
+    hint = stderr.split("Resume with:\n")[1].splitlines()[0]  # the same command: every override, this workdir
+    flags = run_args(workdir, **overrides)[3:]
+    assert shlex.split(hint) == ["python", "-m", "experiments.run", *flags[:1], *flags[2:], flags[1]], stderr
     stopped = int(stderr.split("stopped at step ")[1].split(";")[0])
     assert not (workdir / "summary.json").exists()
     return steps_at_signal, stopped, in_flight
@@ -253,6 +256,23 @@ def test_sigterm_during_an_async_checkpoint_then_resume_is_bit_identical(referen
     assert steps_at_signal <= stopped <= steps_at_signal + 1, context
     assert stopped in complete_checkpoints(tmp_path), context
     resume_and_compare(tmp_path, overrides, stopped, reference_run, context)
+
+
+def test_resume_hint_repeats_the_command_with_its_overrides():
+    argv = [
+        "/repo/experiments/run.py",
+        "--config=cpu_tiny",
+        "--workdir",
+        "old dir",
+        "--config.sparsity.target=0.5",
+        "--mesh=cpu",
+        "--config.train.tokens=4096",
+    ]
+    assert train.resume_hint(argv, pathlib.Path("runs/a b")) == (
+        "Resume with:\n  python -m experiments.run --config=cpu_tiny --config.sparsity.target=0.5 --mesh=cpu "
+        "--config.train.tokens=4096 '--workdir=runs/a b'"
+    )
+    assert "--workdir" not in train.resume_hint(["/usr/bin/pytest", "-k", "x"], pathlib.Path("w"))
 
 
 def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -86,7 +86,7 @@ def add_xla(report: dict, aot_plan: dict) -> dict:
     memory = report["memory"]
     xla = aot_plan["memory_per_device_bytes"]["total"]
     if memory["weights_streamed"]:
-        xla -= memory["params"] + memory["optimizer"] + memory["gradients"]
+        xla -= sum(memory[k] for k in ("params", "optimizer", "gradients", "masks", "pruner"))
     memory.update(xla_bytes=xla, analytic_over_xla=memory["analytic_bytes"] / xla)
     fits = report["fits"] and xla <= memory["usable_bytes"]
     return {**report, "aot": aot_plan, "per_device_memory_bytes": xla, "fits": fits}
@@ -256,6 +256,15 @@ def format_plan(r: dict) -> str:
             f"{r['steps']:,} steps",
             f"FLOPs            {r['train_flops']:.3e} ({r['flops_per_token']:,} per token; "
             f"6N gives {r['flops_per_token_6n']:,})",
+            *(
+                [
+                    f"sparse           block matmuls at mean density {r['average_density']:.4f}: "
+                    f"{r['train_flops']:.3e} FLOPs of the dense {r['train_flops_dense']:.3e}; masks + "
+                    f"pruner copy {(memory['masks'] + memory['pruner']) / GiB:.3g} GiB / device"
+                ]
+                if r["average_density"] < 1
+                else []
+            ),
             f"mesh             {r['mesh']['preset']}: {shape} of {memory['device']}",
             f"step             {r['microbatches']} microbatch(es), remat {r['remat']}, {r['compute_dtype']} "
             f"compute: {r['choice']}",

@@ -3,7 +3,10 @@
 The plan follows the shard shapes the logical-axis rules give on the preset's mesh: parameters, Adam moments and
 gradients are the device's shards (fp32); inside the layer scan each block's weights are all-gathered over
 'fsdp' in the compute dtype, with their fp32 gradients before the reduce-scatter; activations are those one
-microbatch keeps for the backward pass under the remat policy; logits and their gradient are fp32. On a
+microbatch keeps for the backward pass under the remat policy; logits and their gradient are fp32. A sparse run
+(sparsity.target > 0, chinchax.training.sparsity) adds its boolean masks (1 byte per prunable weight, sharded
+like the Dense kernels, in the optimizer state) and the fp32 copy of the kernels the pruner ranks each step
+(the candidate weights params + updates). On a
 Cerebras CS-2 (weight streaming) parameters and optimizer state live in MemoryX, so the wafer holds only what
 one layer and the activations need.
 
@@ -28,6 +31,7 @@ from chinchax.parallel import hardware, mesh
 
 MARGIN = 0.10  # of device memory kept free for the runtime, fragmentation and what the model leaves out
 FP32 = 4
+MASK = 1  # bytes per element of a boolean mask
 GiB = 2**30
 
 
@@ -44,37 +48,42 @@ class MemoryPlan:
     activations: int  # kept for the backward pass under the remat policy, plus one block's working set
     logits: int  # fp32 logits and their gradient (dense loss; the log-softmax fuses into them)
     inputs: int  # int32 tokens and targets of the step
-    holds_state: bool  # False on weight-streaming devices: params, optimizer and gradients live elsewhere
+    masks: int  # a sparse run's boolean masks of the prunable kernel shards (0 when dense)
+    pruner: (
+        int  # a sparse run's fp32 candidate kernel shards (params + updates) the pruner ranks (0 when dense)
+    )
+    holds_state: bool  # False on weight-streaming devices: `state_and_update` lives elsewhere
 
     @property
     def state(self) -> int:
-        """Params + optimizer state: what XLA sees as the step's (donated) state arguments."""
-        return self.params + self.optimizer
+        """Params + optimizer state (a sparse run's masks included): what XLA sees as the step's (donated)
+        state arguments."""
+        return self.params + self.optimizer + self.masks
+
+    @property
+    def state_and_update(self) -> int:
+        """The state, gradients and a sparse run's pruner copy: what a weight-streaming device leaves to MemoryX."""
+        return self.state + self.gradients + self.pruner
 
     @property
     def total(self) -> int:
         """What the device itself holds."""
-        streamed = 0 if self.holds_state else self.params + self.optimizer + self.gradients
-        return (
-            self.params
-            + self.optimizer
-            + self.gradients
-            + self.gathered_weights
-            + self.activations
-            + self.logits
-            + self.inputs
-            - streamed
-        )
+        computed = self.gathered_weights + self.activations + self.logits + self.inputs
+        return computed + (self.state_and_update if self.holds_state else 0)
 
 
-def param_shard_elements(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> int:
-    """Parameter elements one device holds on a mesh of these axis sizes (by the logical-axis rules)."""
+def param_shard_elements(
+    cfg: ml_collections.ConfigDict, sizes: dict[str, int], kernels_only: bool = False
+) -> int:
+    """Parameter elements one device holds on a mesh of these axis sizes (by the logical-axis rules); with
+    kernels_only, those of the Dense kernels (what a sparse run prunes)."""
     abstract = mesh.abstract_mesh_of(sizes)
     specs = mesh.leaves(mesh.param_specs(cfg, abstract))
-    shapes = mesh.leaves(gpt.param_shapes(cfg.model))
+    shapes = jax.tree_util.tree_leaves_with_path(gpt.param_shapes(cfg.model))
     return sum(
         math.prod(NamedSharding(abstract, spec).shard_shape(shape.shape))
-        for spec, shape in zip(specs, shapes, strict=True)
+        for spec, (path, shape) in zip(specs, shapes, strict=True)
+        if not kernels_only or getattr(path[-1], "key", None) == "kernel"
     )
 
 
@@ -122,6 +131,7 @@ def plan(
     block_weights = (4 * d * d + 2 * d * f) / tensor + 9 * d + f
     embedding = (m.vocab_size / vocab_split + m.max_positions) * d
     logits_width = m.vocab_size / vocab_split if m.loss == "dense" else 0
+    kernels = param_shard_elements(cfg, sizes, kernels_only=True) if cfg.sparsity.target > 0 else 0
     return MemoryPlan(
         params=shard_bytes,
         optimizer=2 * shard_bytes,
@@ -130,6 +140,8 @@ def plan(
         activations=activation_bytes(cfg, sequences, tensor, m.remat),
         logits=int(2 * sequences * cfg.data.seq_len * logits_width * FP32),
         inputs=2 * largest_step // shards * cfg.data.seq_len * 4,
+        masks=kernels * MASK,
+        pruner=kernels * FP32,
         holds_state=device.holds_state,
     )
 

@@ -5,7 +5,9 @@ overrides. Shapes follow Cerebras-GPT: a fixed head width, d_model a multiple of
 near the family's aspect ratio (its small members sit at ≈ 77: 768/10 and 1088/14). For a budget C the planner
 counts parameters and FLOPs per token exactly (chinchax.model.flops) for every candidate shape, picks the one whose
 allocation matches C best, and trains it for C / flops_per_token tokens (whole steps), so the point's FLOPs
-equal the budget while tokens per parameter land near the target.
+equal the budget while tokens per parameter land near the target. A sparse base (sparsity.target > 0) is
+counted as it spends: its block matmuls at the run's mean density (chinchax.model.flops.mean_density), so it
+trains for more tokens than a dense point of the same budget.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ PARAM_COUNTS = ("total", "non_embedding")
 ISOFLOP_TOKENS_PER_PARAM = (5.0, 80.0)  # an isoFLOP grid's span, log-centred on TOKENS_PER_PARAM
 MAX_HEADS = 512
 OVERSHOOT = math.log(4.0)  # the search stops at widths whose every shape overshoots the target this much
+DENSITY_ITERATIONS = 20  # of tokens_for_budget (a sparse run's tokens and mean density set each other)
 
 
 class PlanError(ValueError):
@@ -119,11 +122,14 @@ def _search(
     return found
 
 
-def per_token(model, seq_len: int, count: str = "detailed", params_count: str = "total") -> int:
-    """Training FLOPs per token: the detailed count, or 6·N with N counted as `params_count` says."""
+def per_token(
+    model, seq_len: int, count: str = "detailed", params_count: str = "total", density: float = 1
+) -> float:
+    """Training FLOPs per token: the detailed count, or 6·N with N counted as `params_count` says; the block
+    matmuls' weights at `density` (a sparse run's mean kept fraction; 1 when dense)."""
     if count == "detailed":
-        return flops.flops_per_token(model, seq_len)
-    return 6 * counted_params(model, params_count)
+        return flops.flops_per_token(model, seq_len, density)
+    return 6 * (counted_params(model, params_count) - (1 - density) * flops.matmul_params(model))
 
 
 def counted_params(model, params_count: str = "total") -> int:
@@ -135,10 +141,17 @@ def counted_params(model, params_count: str = "total") -> int:
 def tokens_for_budget(
     cfg: ml_collections.ConfigDict, budget: float, count: str = "detailed", params_count: str = "total"
 ) -> int:
-    """Training tokens that spend `budget` FLOPs, rounded to whole steps of the first batch size (≥ 1 step)."""
+    """Training tokens that spend `budget` FLOPs, rounded to whole steps of the first batch size (≥ 1 step); a
+    sparse run's at the mean density of a run of those tokens (iterated to a fixed point)."""
     step_tokens = cfg.train.batch_size * cfg.data.seq_len
-    flops_per_token = per_token(cfg.model, cfg.data.seq_len, count, params_count)
-    return max(1, round(budget / flops_per_token / step_tokens)) * step_tokens
+    tokens, density = None, 1.0
+    for _ in range(DENSITY_ITERATIONS):
+        flops_per_token = per_token(cfg.model, cfg.data.seq_len, count, params_count, density)
+        found = max(1, round(budget / flops_per_token / step_tokens)) * step_tokens
+        if found == tokens:
+            break
+        tokens, density = found, flops.mean_density(cfg, found)
+    return tokens
 
 
 def _check_budget(budget: float, count: str, params_count: str = "total") -> None:
@@ -187,7 +200,10 @@ def solve_shape(
         params = counted_params(model, params_count)
         if isinstance(allocation, fit.PowerLaw):
             return math.log(params)
-        return math.log(allocation * params * per_token(model, base.data.seq_len, count, params_count))
+        density = flops.mean_density(base, allocation * params)
+        return math.log(
+            allocation * params * per_token(model, base.data.seq_len, count, params_count, density)
+        )
 
     return min(_search(value, target, d_head, aspect_ratio, tolerance), key=lambda found: abs(found[0]))[1]
 
@@ -335,7 +351,8 @@ def isoflop_grid(
 
 
 def describe(base: ml_collections.ConfigDict, point: Point) -> dict:
-    """The planned numbers of a point (flops.plan of its config), as a JSON-ready dict."""
+    """The planned numbers of a point (flops.plan of its config: `train_flops` what it spends, a sparse point's
+    block matmuls at each step's density, beside `train_flops_dense`), as a JSON-ready dict."""
     cfg = configure(base, point.overrides)
     plan = flops.plan(cfg)
     return {

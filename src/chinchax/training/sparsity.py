@@ -3,16 +3,9 @@
 What is pruned: every Dense kernel (QKV, attn-out, fc1, fc2; the head is tied to the token embedding here, so
 it is not a kernel). Embeddings, LayerNorms and biases always stay dense.
 
-When: a schedule of pruning events at steps (counts of updates done) start, start + every, ..., ≤ end. After
-event k of n the kept fraction of the prunable weights is
-
-    geometric   (1 − s)^((k+1)/n)                 (Jin et al. 2025, "The Journey Matters": their code)
-    cubic       1 − s·(1 − (1 − (k+1)/n)³)        (Zhu & Gupta 2017, starting dense)
-    one_shot    1 − s at `start` (n = 1)
-
-with s the final sparsity. The density at step t is the kept fraction of the weights once t updates are done:
-1 before the first event, and the forward pass of (0-based) step t runs at that density. Start and end are
-given as fractions of the run's compute (Σ density over steps) and solved to steps (`solve_steps`).
+When: the schedule of pruning events and kept fractions (`Schedule`, `schedule_for`) is analytic and lives with
+the FLOP counts (chinchax.model.flops), so the planner and the dry run count the FLOPs a sparse run spends; the
+names the trainer and the sweep specs use are re-exported here.
 
 How: at an event the kept weights are the largest |w| over all prunable tensors at once (one global threshold
 on raw magnitudes, no per-tensor normalisation) among those still kept: masks only shrink. The mask gates the
@@ -23,130 +16,17 @@ revive them.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
-import numpy as np
 import optax
 
-from chinchax.config import SPARSITY_SCHEDULES as SCHEDULES
-from chinchax.config import batch_phases
-from chinchax.model import flops
+from chinchax.model.flops import Schedule
+from chinchax.model.flops import average_nonzero_params as average_nonzero_params
+from chinchax.model.flops import schedule_for as schedule_for
 
-_SEARCH_ITERATIONS = 100  # fixed-point iterations of `solve_steps` (converges in a handful)
-
-
-@dataclasses.dataclass(frozen=True)
-class Schedule:
-    """Pruning events: the steps (updates done) at which masks shrink and the kept fraction after each."""
-
-    steps: tuple[int, ...]  # increasing, ≥ 1
-    densities: tuple[float, ...]  # kept fraction of the prunable weights once each event is done
-
-    def density_at(self, step: int) -> float:
-        """Kept fraction of the prunable weights once `step` updates are done (1 before the first event)."""
-        done = [d for s, d in zip(self.steps, self.densities, strict=True) if s <= step]
-        return done[-1] if done else 1.0
-
-    def densities_over(self, total_steps: int) -> np.ndarray:
-        """Density at the start of each 0-based step 0 … total_steps − 1 (what its forward pass runs at)."""
-        out = np.ones(total_steps)
-        for step, density in zip(self.steps, self.densities, strict=True):
-            out[step:] = density
-        return out
-
-
-def event_densities(kind: str, target: float, events: int) -> tuple[float, ...]:
-    """Kept fraction after each of `events` pruning events, ending at 1 − target."""
-    if kind not in SCHEDULES:
-        raise ValueError(f"sparsity schedule {kind!r} is not one of {SCHEDULES}")
-    progress = (np.arange(events) + 1) / events
-    if kind == "cubic":
-        return tuple(float(d) for d in 1.0 - target * (1.0 - (1.0 - progress) ** 3))
-    return tuple(float(d) for d in (1.0 - target) ** progress)
-
-
-def make_schedule(kind: str, target: float, start: int, end: int, every: int) -> Schedule:
-    """Events at start, start + every, … up to end inclusive (one_shot: at start only)."""
-    steps = (start,) if kind == "one_shot" else tuple(range(start, end + 1, every))
-    return Schedule(steps, event_densities(kind, target, len(steps)))
-
-
-def compute_fractions(schedule: Schedule, total_steps: int) -> np.ndarray:
-    """Fraction of the run's compute (Σ density) spent before each step 0 … total_steps."""
-    spent = np.concatenate([[0.0], np.cumsum(schedule.densities_over(total_steps))])
-    return spent / spent[-1]
-
-
-def solve_steps(
-    kind: str, target: float, total_steps: int, start_fraction: float, end_fraction: float, every: int
-) -> tuple[int, int]:
-    """(start, end) steps at which start_fraction and end_fraction of the run's compute are spent.
-
-    The compute depends on the schedule it places, so this iterates to a fixed point (or, should it cycle,
-    keeps the candidate closest in compute fraction). one_shot has no end: it is returned equal to start.
-    """
-    start = max(round(start_fraction * total_steps), 1)
-    end = max(round(end_fraction * total_steps), start)
-    candidates = []
-    for _ in range(_SEARCH_ITERATIONS):
-        spent = compute_fractions(make_schedule(kind, target, start, end, every), total_steps)
-        error = abs(spent[start] - start_fraction)
-        if kind != "one_shot":
-            error += abs(spent[end] - end_fraction)
-        candidates.append((error, start, end))
-        start_next = max(int(np.searchsorted(spent, start_fraction)), 1)
-        end_next = (
-            start_next if kind == "one_shot" else max(int(np.searchsorted(spent, end_fraction)), start_next)
-        )
-        if (start_next, end_next) == (start, end):
-            break
-        start, end = start_next, end_next
-    _, start, end = min(candidates)
-    return start, end
-
-
-def schedule_for(sparsity: ml_collections.ConfigDict, total_steps: int) -> Schedule:
-    """The run's pruning schedule (config.sparsity, compute fractions solved to steps)."""
-    start, end = solve_steps(
-        sparsity.schedule,
-        sparsity.target,
-        total_steps,
-        sparsity.start_fraction,
-        sparsity.end_fraction,
-        sparsity.every,
-    )
-    return make_schedule(sparsity.schedule, sparsity.target, start, end, sparsity.every)
-
-
-def average_density(schedule: Schedule, total_steps: int) -> float:
-    """Mean over the run's steps of the density each step runs at."""
-    return float(np.mean(schedule.densities_over(total_steps)))
-
-
-def average_nonzero_params(model: ml_collections.ConfigDict, schedule: Schedule, total_steps: int) -> float:
-    """N_avg: parameters averaged over the run's steps, the prunable kernels at their density, the rest dense."""
-    prunable = flops.matmul_params(model)
-    return flops.param_count(model) - prunable + average_density(schedule, total_steps) * prunable
-
-
-def flops_per_token(model: ml_collections.ConfigDict, seq_len: int, density):
-    """Training FLOPs per token with the block matmuls at `density` (a float or an array of them; attention and
-    the tied head stay dense)."""
-    return flops.flops_per_token(model, seq_len) - 6 * (1.0 - density) * flops.matmul_params(model)
-
-
-def train_flops(cfg: ml_collections.ConfigDict, schedule: Schedule, total_steps: int) -> float:
-    """Training FLOPs of the run, each step's block matmuls at the density it runs at (batch ramp included)."""
-    phases = batch_phases(cfg)
-    first_steps = np.array([first for first, _, _ in phases])
-    sizes = np.array([size for _, _, size in phases], np.float64)
-    sequences = sizes[np.searchsorted(first_steps, np.arange(total_steps), side="right") - 1]
-    per_token = flops_per_token(cfg.model, cfg.data.seq_len, schedule.densities_over(total_steps))
-    return float(np.sum(sequences * cfg.data.seq_len * per_token))
+WORD = 2**32  # counts are two uint32 words, high · WORD + low
 
 
 def is_prunable(path: tuple) -> bool:
@@ -178,19 +58,49 @@ def _masked_map(fn, masks, *trees):
     )
 
 
+def gated(masks, grads):
+    """The gradients the wrapped optimizer (and its clip) sees: zero at the pruned weights."""
+    return _masked_map(lambda m, g: jnp.where(m, g, jnp.zeros_like(g)), masks, grads)
+
+
+def _add_words(a, b):
+    """(high, low) + (high, low) as 64-bit unsigned integers: the low words' carry goes into the high word."""
+    low = a[1] + b[1]
+    return a[0] + b[0] + (low < a[1]).astype(jnp.uint32), low
+
+
+def count_true(leaves) -> tuple[jax.Array, jax.Array]:
+    """How many elements of these boolean arrays are True, exact at any size: the (high, low) uint32 words of
+    the count high · WORD + low (each row counted in uint32, rows and arrays summed with a carry)."""
+    zero = jnp.uint32(0)
+    high = low = zero
+    for leaf in leaves:
+        rows = jnp.sum(leaf.reshape(-1, leaf.shape[-1]), axis=-1, dtype=jnp.uint32)
+        summed = jax.lax.reduce((jnp.zeros_like(rows), rows), (zero, zero), _add_words, (0,))
+        high, low = _add_words((high, low), summed)
+    return high, low
+
+
+def _at_least(count: tuple[jax.Array, jax.Array], bound: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Whether the count (high, low) is ≥ bound (high, low)."""
+    return (count[0] > bound[0]) | ((count[0] == bound[0]) & (count[1] >= bound[1]))
+
+
 def density(masks) -> jax.Array:
-    """Kept fraction of the prunable weights under these masks."""
-    kept = [jnp.sum(m, dtype=jnp.float32) for m in jax.tree.leaves(masks)]
-    total = sum(m.size for m in jax.tree.leaves(masks))
-    return sum(kept) / total
+    """Kept fraction of the prunable weights under these masks (counted exactly, divided in fp32)."""
+    leaves = jax.tree.leaves(masks)
+    high, low = count_true(leaves)
+    total = sum(m.size for m in leaves)
+    return (high.astype(jnp.float32) * float(WORD) + low.astype(jnp.float32)) / total
 
 
-def shrink(masks, params, keep: jax.Array):
-    """Masks keeping the `keep` largest |w| among the kept prunable weights, over all tensors at once.
+def shrink(masks, params, keep: tuple[jax.Array, jax.Array]):
+    """Masks keeping the `keep` (high, low uint32 words) largest |w| among the kept prunable weights, over all
+    tensors at once.
 
     The threshold is found by bisection on the bit patterns of |w| (monotone for non-negative floats), so
     it is the exact keep-th largest magnitude without sorting or gathering the tensors; a tie at the
-    threshold keeps all tied weights. Counts are summed in fp32: exact up to 2^24 prunable weights.
+    threshold keeps all tied weights. Counts are integers (`count_true`): exact at any size.
     """
 
     def magnitude_bits(mask, p):
@@ -201,15 +111,10 @@ def shrink(masks, params, keep: jax.Array):
     bits = jax.tree.map(magnitude_bits, masks, params, is_leaf=_is_none)
     leaves = jax.tree.leaves(bits)
 
-    def at_least(threshold):
-        return sum(
-            jnp.sum(jnp.sum(b >= threshold, axis=-1, dtype=jnp.int32).astype(jnp.float32)) for b in leaves
-        )
-
     def bisect(_, bounds):
         low, high = bounds
         middle = low + (high - low) // 2
-        enough = at_least(middle) >= keep
+        enough = _at_least(count_true([b >= middle for b in leaves]), keep)
         return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
 
     above_inf = jnp.int32(0x7F800001)
@@ -233,13 +138,16 @@ def prune(inner: optax.GradientTransformation, schedule: Schedule) -> optax.Grad
     def update(updates, state, params=None, **extra_args):
         if params is None:
             raise ValueError("sparsity.prune needs the params")
-        gated = _masked_map(lambda m, g: jnp.where(m, g, jnp.zeros_like(g)), state.masks, updates)
-        updates, inner_state = inner.update(gated, state.inner_state, params, **extra_args)
+        updates, inner_state = inner.update(
+            gated(state.masks, updates), state.inner_state, params, **extra_args
+        )
         done = state.count + 1
         total = sum(m.size for m in jax.tree.leaves(state.masks))
-        keep_table = jnp.asarray([round(d * total) for d in schedule.densities], jnp.float32)
+        keeps = [divmod(round(d * total), WORD) for d in schedule.densities]
+        keep_high, keep_low = (jnp.asarray(words, jnp.uint32) for words in zip(*keeps, strict=True))
         is_event = jnp.any(event_steps == done)
-        keep = keep_table[jnp.argmax(event_steps == done)]
+        event = jnp.argmax(event_steps == done)
+        keep = (keep_high[event], keep_low[event])
         candidate = optax.apply_updates(params, updates)
         masks = jax.lax.cond(is_event, shrink, lambda m, p, k: m, state.masks, candidate, keep)
         updates = _masked_map(lambda m, u, p: jnp.where(m, u, -p), masks, updates, params)

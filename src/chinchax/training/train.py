@@ -14,6 +14,7 @@ import json
 import math
 import os
 import pathlib
+import shlex
 import signal
 import sys
 import time
@@ -58,8 +59,9 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
     Gradients are averaged over the step's real tokens (padding rows excluded) with a scan over microbatches
     (one compiled body; no scan for a single microbatch; with several, each data-parallel replica sums its
     own rows' gradients and the replicas reduce them once: `mesh.summed_over_replicas`); the metrics are the mean
-    loss, the global gradient norm before clipping, the step's learning rate and, for a sparse run, the
-    density of the prunable weights once the step is done.
+    loss, the global norm of the gradients the clip sees (a sparse run's masked ones, without the pruned
+    weights) before clipping, the step's learning rate and, for a sparse run, the density of the prunable
+    weights once the step is done.
     """
     loss = loss_fn(cfg)
     tokens = tokens or total_tokens(cfg)
@@ -91,8 +93,10 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
             mean_loss, grads = shares((state.params, tokens_in_step), batch)
         updates, opt_state = opt.update(grads, state.opt_state, state.params)
         new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-        metrics = {"loss": mean_loss, "grad_norm": optax.global_norm(grads), "lr": lr(state.step)}
-        if isinstance(opt_state, sparsity.SparsityState):
+        sparse = isinstance(opt_state, sparsity.SparsityState)
+        clipped = sparsity.gated(state.opt_state.masks, grads) if sparse else grads
+        metrics = {"loss": mean_loss, "grad_norm": optax.global_norm(clipped), "lr": lr(state.step)}
+        if sparse:
             metrics["density"] = sparsity.density(opt_state.masks)
         return new_state, metrics
 
@@ -281,7 +285,7 @@ def train(
             per_token = plan.flops_per_token
             if "density" in metrics:  # sparse: the block matmuls at the running density
                 record["density"] = float(metrics["density"])
-                per_token = sparsity.flops_per_token(cfg.model, cfg.data.seq_len, record["density"])
+                per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len, record["density"])
             if timed_seconds > 0:
                 rate = timed_tokens / timed_seconds
                 record.update(tokens_per_second=rate, mfu=rate * per_token / peak)
@@ -300,9 +304,7 @@ def train(
             mngr.close()
             log.close()
             print(
-                f"stopped at step {done}; checkpoint saved. Resume with:\n  python -m experiments.run "
-                f"--config={cfg.name} --workdir={workdir}",
-                file=sys.stderr,
+                f"stopped at step {done}; checkpoint saved. {resume_hint(sys.argv, workdir)}", file=sys.stderr
             )
             return None
         timer_start = time.perf_counter()  # evaluation and checkpoint starts are not training time
@@ -317,14 +319,13 @@ def train(
     if final:
         log.note("final " + ", ".join(f"{split} loss {loss:.4f}" for split, loss in final.items()))
     rate = timed_tokens / timed_seconds if timed_seconds else float("nan")
-    train_flops, per_token, sparse = plan.train_flops, plan.flops_per_token, {}
-    if cfg.sparsity.target > 0:  # FLOPs at each step's density; N_avg counts the dense parameters as they are
+    sparse = {}
+    if cfg.sparsity.target > 0:  # N_avg counts the dense parameters as they are
         schedule = sparsity.schedule_for(cfg.sparsity, plan.steps)
-        train_flops = sparsity.train_flops(cfg, schedule, plan.steps)
-        per_token = train_flops / tokens
         sparse = {
+            "train_flops_dense": plan.train_flops_dense,
             "final_density": schedule.density_at(plan.steps),
-            "average_density": sparsity.average_density(schedule, plan.steps),
+            "average_density": flops.average_density(schedule, plan.steps),
             "n_avg": sparsity.average_nonzero_params(cfg.model, schedule, plan.steps),
             "pruning_steps": list(schedule.steps),
         }
@@ -340,14 +341,14 @@ def train(
         "non_embedding_params": plan.non_embedding_params,
         "tokens": tokens,
         "steps": plan.steps,
-        "train_flops": train_flops,
+        "train_flops": plan.train_flops,  # spent: a sparse run's block matmuls at each step's density
         "flops_per_token": plan.flops_per_token,
         **sparse,
         "wall_seconds": time.perf_counter() - wall_start,
         "train_seconds": timed_seconds,
         **{f"{key}_seconds": seconds for key, seconds in spent.items()},
         "tokens_per_second": rate,
-        "mfu": rate * per_token / peak,
+        "mfu": rate * plan.train_flops / plan.tokens / peak,
         "peak_flops": peak,
         "peak_flops_source": peak_source,
         "devices": jax.device_count(),
@@ -357,6 +358,22 @@ def train(
     log.write_summary(summary)
     log.close()
     return summary
+
+
+def resume_hint(argv: list[str], workdir: pathlib.Path) -> str:
+    """How to resume a stopped run: experiments.run's own command line (argv: sys.argv) with every --config.*
+    override and flag as given, and --workdir set to the run's; a caller other than experiments.run is told to
+    call train again with the same config and workdir."""
+    if pathlib.Path(argv[0]).parts[-2:] != ("experiments", "run.py"):
+        return f"Resume by calling chinchax.training.train.train again with the same config and {workdir}."
+    args, given = [], iter(argv[1:])
+    for arg in given:
+        if arg == "--workdir":  # its value is the next argument
+            next(given, None)
+        elif not arg.startswith("--workdir="):
+            args.append(arg)
+    args.append(f"--workdir={workdir}")
+    return "Resume with:\n  " + shlex.join([*"python -m experiments.run".split(), *args])
 
 
 def _global_batch(devices, local_batches: list[dict], micro: int) -> dict:
