@@ -1,9 +1,10 @@
 """μTransfer measured on real training: the shipped `mutransfer` sweep's points, trained in-process.
 
 The sweep (experiments/configs/sweeps.py `mutransfer()`) is widths 32/64/128 × a half-decade grid of 7 peak
-learning rates × SP and μP (base width 32), 40 steps of 8 × 128 bytes of the embedded corpus each, scored by
-the validation loss. μP's claim is that the best learning rate found at the base width stays the best at every
-width; under SP it moves (wider models want a smaller one). Both are checked on the sweep's own points.
+learning rates × SP and μP (base width 32) × 3 seeds, 40 steps of 8 × 128 bytes of the embedded corpus each,
+scored by the validation loss averaged over the seeds. μP's claim is that the best learning rate found at the
+base width stays the best at every width; under SP it moves (wider models want a smaller one). Both are checked
+on the sweep's own points.
 
 How it runs: every point of one (parametrization, width) differs from the others only in `train.peak_lr`, and
 the optimizer's update is linear in the peak learning rate (clip → Adam → decoupled weight decay → −schedule →
@@ -13,14 +14,14 @@ the trainer's batches (the same loader and seed), its initial state, optimizer a
 the mean over the first `train.eval_batches` validation batches in order, as `train.evaluate` computes it.
 
 Seeds are fixed, not drawn: this is a measurement of where the optimum lies. Each point is trained with its
-config's `train.seed` (0, as the sweep runs it) and with seed 1 (initialisation and data order), and the two
-validation losses are averaged: at 40 steps one run's loss moves by a few hundredths of a nat with the seed,
-about as much as μP's optimum stands out from its neighbour. Measured on the 2-core CPU with seeds 0–4, one
-run each: μP's best learning rate was 10^-1.25 at every width in seeds 0, 1, 2 and 4 (by 0.046–0.096 nats
-over the next grid point), and in seed 3 at widths 64 and 128, while at width 32 seed 3's best was 10^-1.75 by
-0.007; averaged over any two of the five seeds it was 10^-1.25 at every width. SP's best was 10^-2.25,
-10^-1.75 or 10^-1.25 at width 32 and 10^-2.75 at width 128 in every seed (by ≥ 0.012 nats), falling with
-width.
+config's `train.seed`, the sweep's seeds 0, 1 and 2 (initialisation and data order), and
+report.best_learning_rates averages their validation losses as the sweep's analysis does: at 40 steps one run's
+loss moves by a few hundredths of a nat with the seed, about as much as μP's optimum stands out from its
+neighbour. Measured on the 2-core CPU with seeds 0–4, one run each: μP's best learning rate was 10^-1.25 at
+every width in seeds 0, 1, 2 and 4 (by 0.046–0.096 nats over the next grid point), and in seed 3 at widths 64
+and 128, while at width 32 seed 3's best was 10^-1.75 by 0.007; averaged over any two of the five seeds it was
+10^-1.25 at every width. SP's best was 10^-2.25, 10^-1.75 or 10^-1.25 at width 32 and 10^-2.75 at width 128 in
+every seed (by ≥ 0.012 nats), falling with width.
 """
 
 import itertools
@@ -42,12 +43,12 @@ from experiments.configs import sweeps
 
 
 def point_configs():
-    """{(parametrization, width): [(lr, validated config), ...]} for the shipped sweep's points."""
+    """{(parametrization, width): {seed: [(lr, validated config), ...]}} for the shipped sweep's points."""
     shapes = {}
     for point in sweeps.mutransfer().points:
         cfg = plan.configure(configs.get(point.base), point.overrides)
         key = (point.tags["parametrization"], point.tags["width"])
-        shapes.setdefault(key, []).append((point.tags["lr"], cfg))
+        shapes.setdefault(key, {}).setdefault(point.tags["seed"], []).append((point.tags["lr"], cfg))
     return shapes
 
 
@@ -78,17 +79,16 @@ def validation_batches(cfg) -> list[dict]:
     return [b for _, b in zip(range(cfg.train.eval_batches), loader, strict=False)]
 
 
-def sweep_shape(
-    points: list[tuple[float, object]], seed: int, batches: list[dict], validation: list[dict]
-) -> dict:
-    """{lr: final validation loss (inf if the run went non-finite)} for one shape's points, initialised and fed
-    as with train.seed = seed (batches: that seed's train batches)."""
+def sweep_shape(points: list[tuple[float, object]], batches: list[dict], validation: list[dict]) -> dict:
+    """{lr: final validation loss (inf if the run went non-finite)} for the points of one shape and seed,
+    initialised and fed as the trainer does with their train.seed (batches: that seed's train batches)."""
     cfg = points[0][1]
     for _, other in points:
-        assert without_lr(other) == without_lr(cfg), "points of one shape differ beyond train.peak_lr"
+        assert without_lr(other) == without_lr(cfg), (
+            "points of one shape and seed differ beyond train.peak_lr"
+        )
     unit = cfg.copy_and_resolve_references()
     unit.train.peak_lr = 1.0  # the update at peak LR η is η × the update at peak LR 1
-    unit.train.seed = seed
     planned = flops.plan(unit)
     assert planned.steps == len(batches), (planned.steps, len(batches))
     opt = train_state.optimizer(unit, gpt.param_shapes(unit.model), planned.tokens)
@@ -133,28 +133,31 @@ def loss_table(losses: dict) -> str:
 def test_sweep_covers_both_parametrizations_at_every_width():
     shapes = point_configs()
     assert set(shapes) == set(itertools.product(("sp", "mup"), sweeps.MUTRANSFER_WIDTHS))
-    for (parametrization, width), points in shapes.items():
-        assert sorted(lr for lr, _ in points) == sorted(sweeps.MUTRANSFER_LRS)
-        for _, cfg in points:
-            assert (cfg.model.parametrization, cfg.model.d_model) == (parametrization, width)
-            if parametrization == "mup":
-                assert cfg.model.mup_base_width == sweeps.MUTRANSFER_WIDTHS[0]
+    for (parametrization, width), by_seed in shapes.items():
+        assert sorted(by_seed) == sorted(sweeps.MUTRANSFER_SEEDS)
+        for seed, points in by_seed.items():
+            assert sorted(lr for lr, _ in points) == sorted(sweeps.MUTRANSFER_LRS)
+            for _, cfg in points:
+                assert (cfg.model.parametrization, cfg.model.d_model) == (parametrization, width)
+                assert cfg.train.seed == seed
+                if parametrization == "mup":
+                    assert cfg.model.mup_base_width == sweeps.MUTRANSFER_WIDTHS[0]
 
 
-@pytest.mark.slow  # ≈ 3 min of CPU (about 5 min wall on the shared 2-core machine): 84 runs of 40 steps
+@pytest.mark.slow  # about 8 min wall on the shared 2-core machine: 126 runs of 40 steps
 def test_mup_best_learning_rate_transfers_and_sp_best_moves(tmp_path):
-    """Train every point of the sweep with two seeds and average their validation losses; μP's best learning
-    rate is one grid point at widths 32, 64 and 128 (and not an edge of the grid), SP's best is smaller at
-    width 128 than at 32. First, one point trained by train.train (the loader, the jitted step on the mesh,
-    the evaluation) must give this loop's loss."""
+    """Train every point of the sweep (each with its seed) and average each learning rate's validation losses
+    over the seeds; μP's best learning rate is one grid point at widths 32, 64 and 128 (and not an edge of the
+    grid), SP's best is smaller at width 128 than at 32. First, one point trained by train.train (the loader,
+    the jitted step on the mesh, the evaluation) must give this loop's loss."""
     shapes = point_configs()
-    first = next(iter(shapes.values()))[0][1]
+    seeds = sweeps.MUTRANSFER_SEEDS
+    first = next(iter(shapes.values()))[seeds[0]][0][1]
     steps, validation = flops.plan(first).steps, validation_batches(first)
-    seeds = (first.train.seed, first.train.seed + 1)
     runs = {}  # seed → {(parametrization, width): {lr: loss}}
     for seed in seeds:
         batches = train_batches(first, steps, seed)
-        runs[seed] = {key: sweep_shape(points, seed, batches, validation) for key, points in shapes.items()}
+        runs[seed] = {key: sweep_shape(by_seed[seed], batches, validation) for key, by_seed in shapes.items()}
     losses = {
         key: {lr: float(np.mean([runs[seed][key][lr] for seed in seeds])) for lr in by_lr}
         for key, by_lr in runs[seeds[0]].items()
@@ -165,14 +168,15 @@ def test_mup_best_learning_rate_transfers_and_sp_best_moves(tmp_path):
     )
     print("\n" + context)
 
-    lr, cfg = shapes[("mup", 32)][len(sweeps.MUTRANSFER_LRS) // 2]
+    lr, cfg = shapes[("mup", 32)][seeds[0]][len(sweeps.MUTRANSFER_LRS) // 2]
     summary = train.train(cfg, tmp_path / "run", show_progress=False)
     one_run = runs[cfg.train.seed][("mup", 32)][lr]
     assert summary["final_eval_loss"] == pytest.approx(one_run, abs=2e-3), (lr, summary, context)
 
     rows = [
-        {"parametrization": p, "width": w, "lr": lr, "loss": loss}
-        for (p, w), by_lr in losses.items()
+        {"parametrization": p, "width": w, "lr": lr, "seed": seed, "loss": loss}
+        for seed, by_shape in runs.items()
+        for (p, w), by_lr in by_shape.items()
         for lr, loss in by_lr.items()
         if math.isfinite(loss)  # the sweep's report sees diverged points only as crosses
     ]

@@ -1,7 +1,7 @@
 """The sweep launcher: runs, skips done points, records divergence, gathers summaries, writes SLURM / commands.
 
 Fast tests swap experiments.run for a stand-in script that writes a summary computed from its arguments; the
-μTransfer analysis is checked on rows with a known argmin; the real `smoke` sweep trains twice through the
+μTransfer analysis is checked on rows with a known argmin, and on several seeds against numpy's mean and argmin; the real `smoke` sweep trains twice through the
 CLI, and one of its points, killed at a checkpoint, resumes bit-identically when the sweep is rerun.
 """
 
@@ -217,6 +217,129 @@ def test_mutransfer_reports_the_argmin_lr_per_width(tmp_path):
     saved = json.loads((root / "mutransfer.json").read_text())
     assert saved["best_lr"] == expected and sorted(saved["diverged"]) == sorted(diverged), seed
     assert pathlib.Path(summary["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mutransfer_averages_losses_over_seeds(tmp_path):
+    """Rows of (parametrization, width, lr, seed, loss) where seed 0 alone has its least loss a grid point away
+    from the least mean loss (fresh random losses, rows shuffled, one seed of one lr diverged): the analysis
+    reports the argmin of the mean over seeds, as numpy computes it (an lr missing a seed is no candidate), and
+    each point's mean, standard deviation and number of seeds."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    rng = np.random.default_rng(seed)
+    root = tmp_path / "root"
+    parametrizations, widths, seeds = ("sp", "mup"), (32, 64, 128), (0, 1, 2)
+    lrs = sorted(float(lr) for lr in 10.0 ** rng.uniform(-4, -0.5, 6))
+    # losses[p, w, lr, seed]: a parabola in the lr's index around a best index, seed noise, and a dip of seed 0
+    # one index away from the best (0.2 nats below the parabola's 0.1: the mean there stays ≥ 0.03 above)
+    centres = rng.integers(1, len(lrs) - 1, (len(parametrizations), len(widths)))
+    index = np.arange(len(lrs))
+    losses = 3.0 + 0.1 * (index[None, None, :, None] - centres[..., None, None]) ** 2
+    losses = losses + rng.normal(0.0, 0.005, (len(parametrizations), len(widths), len(lrs), len(seeds)))
+    dips = centres + rng.choice((-1, 1), centres.shape)
+    for (i, j), dip in np.ndenumerate(dips):
+        losses[i, j, dip, 0] -= 0.2
+    lost = (int(rng.integers(len(parametrizations))), int(rng.integers(len(widths))))
+    losses[(*lost, centres[lost], 2)] = np.nan  # seed 2 of the mean's best lr diverged
+    single = np.argmin(losses[..., 0], axis=-1)
+    averaged = np.nanargmin(losses.mean(axis=-1), axis=-1)  # an lr missing a seed has a nan mean
+    elsewhere = np.ones(single.shape, dtype=bool)
+    elsewhere[lost] = False  # there the dip is the best complete lr
+    assert (single != averaged)[elsewhere].all(), f"seed {seed}: seed 0 should disagree with the mean"
+
+    base = [
+        plan.Point(f"{p}_w{w}_lr{k}", "cpu_tiny", (), {"parametrization": p, "width": w, "lr": lr})
+        for p in parametrizations
+        for w in widths
+        for k, lr in enumerate(lrs)
+    ]
+    points = sweep_lib.seeded(base, seeds)
+    rows = []
+    for point in points:
+        tags = point.tags
+        cell = (parametrizations.index(tags["parametrization"]), widths.index(tags["width"]))
+        loss = losses[(*cell, lrs.index(tags["lr"]), seeds.index(tags["seed"]))]
+        if np.isnan(loss):
+            (root / "diverged").mkdir(parents=True, exist_ok=True)
+            (root / "diverged" / f"{point.name}.json").write_text(json.dumps({"point": point.name}))
+        else:
+            rows.append({"point": point.name, **tags, "loss": float(loss)})
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    expected = {
+        p: {str(w): lrs[averaged[i, j]] for j, w in enumerate(widths)} for i, p in enumerate(parametrizations)
+    }
+    sweep = sweep_lib.Sweep("mt", "test", points, analysis="mutransfer")
+    summary = report.analyse(sweep, root, rows)
+    saved = json.loads((root / "mutransfer.json").read_text())
+    assert report.best_learning_rates(rows) == expected, f"seed {seed}: {summary['text']}"
+    assert summary["best_lr"] == saved["best_lr"] == expected, f"seed {seed}: {summary['text']}"
+    assert saved["seeds"] == len(seeds), f"seed {seed}"
+    assert saved["diverged"] == [f"{parametrizations[lost[0]]}_w{widths[lost[1]]}_lr{centres[lost]}_s2"], (
+        f"seed {seed}"
+    )
+    for i, p in enumerate(parametrizations):
+        for j, w in enumerate(widths):
+            ran = losses[i, j]
+            reference = [
+                {
+                    "lr": lr,
+                    "loss": pytest.approx(np.nanmean(ran[k]), rel=1e-12),
+                    "loss_std": pytest.approx(np.nanstd(ran[k], ddof=1), rel=1e-12),
+                    "seeds": int(np.isfinite(ran[k]).sum()),
+                }
+                for k, lr in enumerate(lrs)
+            ]
+            assert saved["losses"][p][str(w)] == reference, f"seed {seed}: {p} width {w}"
+    assert pathlib.Path(summary["plot"]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_seed_axis_runs_each_point_once_per_seed(fake_runner):
+    """seeded() gives every point one run per seed: its own name and workdir, train.seed set (the stand-in's loss
+    moves by 1e-3 per unit of seed) and a seed tag in the gathered rows; without seeds the points are unchanged,
+    and a point that sets train.seed itself is refused."""
+    root = fake_runner
+    base = (
+        plan.Point("a", "cpu_tiny", (("train.tokens", 10**6),), {"width": 32}),
+        plan.Point("b", "cpu_tiny", (("train.tokens", 2 * 10**6),), {"width": 64}),
+    )
+    assert sweep_lib.seeded(base, ()) == base
+    seeds = (0, 3, 7)
+    points = sweep_lib.seeded(base, seeds)
+    assert [p.name for p in points] == ["a_s0", "a_s3", "a_s7", "b_s0", "b_s3", "b_s7"]
+    for point, (parent, seed) in zip(points, [(b, s) for b in base for s in seeds], strict=True):
+        assert point.run_args() == parent.run_args() + [f"--config.train.seed={seed}"]
+        assert point.tags == {**parent.tags, "seed": seed}
+    sweep = sweep_lib.Sweep("seeded", "test", points)
+    launch.run_local(sweep, root, REPO, parallel=2, progress=False)
+    assert sorted(invocations(root)) == sorted(p.name for p in points)
+    rows = {row["point"]: row for row in sweep_lib.gather(sweep, root)}
+    for parent in base:
+        first = rows[f"{parent.name}_s0"]["loss"]
+        for seed in seeds:
+            row = rows[f"{parent.name}_s{seed}"]
+            assert row["seed"] == seed and row["width"] == parent.tags["width"], row
+            assert row["loss"] - first == pytest.approx(seed * 1e-3, abs=1e-12), row
+    with pytest.raises(sweep_lib.SweepError, match=r"point\(s\) a_s0 already set train.seed"):
+        sweep_lib.seeded(points[:1], seeds)
+
+
+def test_mutransfer_sweep_trains_every_point_with_each_seed():
+    """The shipped mutransfer sweep: each (parametrization, width, lr) once per MUTRANSFER_SEEDS seed (at least
+    two), named by its seed and configured with it; sweeps without seeds set no seed and keep their names."""
+    sweep = sweeps.mutransfer()
+    assert len(sweeps.MUTRANSFER_SEEDS) >= 2
+    runs: dict = {}
+    for point in sweep.points:
+        key = tuple(point.tags[k] for k in ("parametrization", "width", "lr"))
+        seed = point.tags.get("seed")
+        runs.setdefault(key, []).append(seed)
+        cfg = plan.configure(configs.get(point.base), point.overrides)
+        assert cfg.train.seed == seed and point.name.endswith(f"_s{seed}"), point.name
+    assert len(runs) == 2 * len(sweeps.MUTRANSFER_WIDTHS) * len(sweeps.MUTRANSFER_LRS)
+    assert all(seeds == list(sweeps.MUTRANSFER_SEEDS) for seeds in runs.values())
+    assert len({p.name for p in sweep.points}) == len(sweep.points)
+    smoke = sweeps.smoke()
+    assert [p.name for p in smoke.points] == ["d16", "d32"]
+    assert all("seed" not in p.tags and sweep_lib.SEED_KEY not in dict(p.overrides) for p in smoke.points)
 
 
 def test_slurm_and_print_cover_only_pending_points(fake_runner):

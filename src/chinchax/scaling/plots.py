@@ -203,28 +203,34 @@ def compute_law_band(points: ScalingPoints, law_fit: fit.LawFit, path: pathlib.P
     return save(figure, path)
 
 
-def mutransfer(curves: dict, diverged: dict, path: pathlib.Path) -> str:
-    """Loss vs learning rate per width, one panel per parametrization; ★ the best rate, × diverged runs.
+def mutransfer(losses: dict, best: dict, diverged: dict, path: pathlib.Path) -> str:
+    """Mean loss ± its standard deviation over seeds vs learning rate per width, one panel per parametrization;
+    ★ the best rate, × diverged runs.
 
-    curves: {parametrization: {width: [(lr, loss), ...]}}; diverged: {parametrization: {width: [lr, ...]}}.
+    losses: {parametrization: {width: [{"lr", "loss", "loss_std", "seeds"}, ...]}} (report.lr_losses);
+    best: {parametrization: {width: lr}}; diverged: {parametrization: {width: [lr, ...]}}.
     """
-    parametrizations = sorted(curves.keys() | diverged.keys())
+    parametrizations = sorted(losses.keys() | diverged.keys())
     figure, panels = plt.subplots(
         1, len(parametrizations), figsize=(6 * len(parametrizations), 4.5), sharey=True
     )
     panels = np.atleast_1d(panels)
-    widths = sorted({w for by_width in curves.values() for w in by_width})
-    top = max(loss for by_width in curves.values() for curve in by_width.values() for _, loss in curve)
+    entries = [e for by_width in losses.values() for curve in by_width.values() for e in curve]
+    widths = sorted({w for by_width in losses.values() for w in by_width}, key=int)
+    top = max(e["loss"] + e["loss_std"] for e in entries)
+    seeds = max(e["seeds"] for e in entries)
     colours = plt.get_cmap("viridis")
     for axes, parametrization in zip(panels, parametrizations, strict=True):
         for i, width in enumerate(widths):
             colour = colours(i / max(1, len(widths) - 1))
-            curve = sorted(curves.get(parametrization, {}).get(width, []))
+            curve = losses.get(parametrization, {}).get(width, [])
             if curve:
-                lrs, losses = zip(*curve, strict=True)
-                axes.plot(lrs, losses, "o-", color=colour, label=f"width {width}")
-                k = int(np.argmin(losses))
-                axes.plot(lrs[k], losses[k], "*", markersize=14, color=colour, markeredgecolor="black")
+                lrs, means, stds = ([e[key] for e in curve] for key in ("lr", "loss", "loss_std"))
+                axes.errorbar(
+                    lrs, means, yerr=stds, fmt="o-", capsize=3, color=colour, label=f"width {width}"
+                )
+                k = lrs.index(best[parametrization][width])
+                axes.plot(lrs[k], means[k], "*", markersize=14, color=colour, markeredgecolor="black")
             lost = diverged.get(parametrization, {}).get(width, [])
             if lost:
                 axes.plot(lost, [top] * len(lost), "x", color=colour, markersize=9)
@@ -232,7 +238,8 @@ def mutransfer(curves: dict, diverged: dict, path: pathlib.Path) -> str:
             xscale="log", xlabel="peak learning rate", title=f"{parametrization.upper()} (★ best, × diverged)"
         )
         axes.legend(fontsize=8)
-    panels[0].set_ylabel("validation loss (nats/token)")
+    spread = f", mean ± std over {seeds} seeds" if seeds > 1 else ""
+    panels[0].set_ylabel(f"validation loss (nats/token{spread})")
     figure.suptitle("μTransfer: loss vs learning rate across widths")
     return save(figure, path)
 

@@ -212,44 +212,72 @@ def sparse(root: pathlib.Path, rows: list[dict], resamples: int = BOOTSTRAP) -> 
     return {**summary, "text": "\n".join(lines + [f"plot: {path}"])}
 
 
-def best_learning_rates(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """{parametrization: {width: the learning rate of the lowest loss}} from rows tagged with
-    `parametrization`, `width`, `lr` and their `loss`."""
-    best: dict[str, dict[str, tuple[float, float]]] = {}
+def lr_losses(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
+    """{parametrization: {width: [{lr, loss, loss_std, seeds}, ...] by ascending lr}} from rows tagged with
+    `parametrization`, `width` and `lr` (one row per seed) and their validation `loss`: the mean loss over the
+    seeds that ran (nats/token), its sample standard deviation over them (0 for one seed) and their number."""
+    runs: dict = {}
     for row in rows:
-        key = str(row["width"])
-        current = best.setdefault(row["parametrization"], {}).get(key)
-        if current is None or row["loss"] < current[1]:
-            best[row["parametrization"]][key] = (row["lr"], row["loss"])
+        by_lr = runs.setdefault(row["parametrization"], {}).setdefault(str(row["width"]), {})
+        by_lr.setdefault(row["lr"], []).append(row["loss"])
     return {
-        p: {w: lr for w, (lr, _) in sorted(by_width.items(), key=lambda item: int(item[0]))}
-        for p, by_width in best.items()
+        parametrization: {
+            width: [
+                {
+                    "lr": lr,
+                    "loss": float(np.mean(losses)),
+                    "loss_std": float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0,
+                    "seeds": len(losses),
+                }
+                for lr, losses in sorted(by_lr.items())
+            ]
+            for width, by_lr in sorted(by_width.items(), key=lambda item: int(item[0]))
+        }
+        for parametrization, by_width in runs.items()
     }
 
 
-def mutransfer(sweep: Sweep, root: pathlib.Path, rows: list[dict]) -> dict:
-    """Loss vs learning rate per width, SP and μP side by side; the best LR per width per parametrization.
+def best_learning_rates(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """{parametrization: {width: the learning rate of the lowest mean loss over seeds}} (rows as lr_losses takes
+    them). A learning rate with fewer seeds than another at its width (one of its runs diverged) is no candidate."""
+    best = {}
+    for parametrization, by_width in lr_losses(rows).items():
+        best[parametrization] = {}
+        for width, entries in by_width.items():
+            most = max(entry["seeds"] for entry in entries)
+            complete = [entry for entry in entries if entry["seeds"] == most]
+            best[parametrization][width] = min(complete, key=lambda entry: entry["loss"])["lr"]
+    return best
 
-    Rows need tags `parametrization`, `width` and `lr`; diverged points are drawn as crosses at the top.
+
+def mutransfer(sweep: Sweep, root: pathlib.Path, rows: list[dict]) -> dict:
+    """Mean loss over seeds vs learning rate per width, SP and μP side by side; the best LR per width per
+    parametrization, the number of seeds and each point's mean loss and spread over them (mutransfer.json).
+
+    Rows need tags `parametrization`, `width` and `lr` (and `seed` where a point ran several); diverged points are
+    drawn as crosses at the top.
     """
     diverged = [p for p in sweep.points if status(root, p) == "diverged"]
-    curves: dict = {}
-    for row in rows:
-        curves.setdefault(row["parametrization"], {}).setdefault(row["width"], []).append(
-            (row["lr"], row["loss"])
-        )
     lost: dict = {}
     for point in diverged:
-        lost.setdefault(point.tags["parametrization"], {}).setdefault(point.tags["width"], []).append(
+        lost.setdefault(point.tags["parametrization"], {}).setdefault(str(point.tags["width"]), []).append(
             point.tags["lr"]
         )
+    losses = lr_losses(rows)
     best = best_learning_rates(rows)
-    path = plots.mutransfer(curves, lost, root / "mutransfer.png")
-    summary = {"best_lr": best, "diverged": [p.name for p in diverged], "plot": path}
+    seeds = max(e["seeds"] for by_width in losses.values() for entries in by_width.values() for e in entries)
+    path = plots.mutransfer(losses, best, lost, root / "mutransfer.png")
+    summary = {
+        "best_lr": best,
+        "seeds": seeds,
+        "losses": losses,
+        "diverged": [p.name for p in diverged],
+        "plot": path,
+    }
     atomic.write_json(root / "mutransfer.json", summary, indent=1)
-    lines = [
+    lines = [f"mean validation loss over {seeds} seed(s) per point"] + [
         f"best learning rate per width ({parametrization}): "
         + ", ".join(f"{w}: {lr:.3g}" for w, lr in best.get(parametrization, {}).items())
-        for parametrization in sorted(curves.keys() | lost.keys())
+        for parametrization in sorted(losses.keys() | lost.keys())
     ]
     return {**summary, "text": "\n".join(lines + [f"plot: {path}"])}

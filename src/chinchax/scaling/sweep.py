@@ -1,8 +1,9 @@
 """Sweeps: what a sweep is, where its points' files live, and gathering and analysing their results.
 
-A sweep is a list of planned points (chinchax.scaling.plan.Point) and the analysis that follows them. Under a
-root folder each point trains in `runs/<point>/` (experiments.run's workdir: a killed point resumes from its
-checkpoint by rerunning the same command) with its output in `logs/<point>.log`; a point whose workdir holds
+A sweep is a list of planned points (chinchax.scaling.plan.Point) and the analysis that follows them; `seeded`
+repeats points once per seed (`train.seed`: initialisation and data order) for analyses that average over seeds.
+Under a root folder each point trains in `runs/<point>/` (experiments.run's workdir: a killed point resumes from
+its checkpoint by rerunning the same command) with its output in `logs/<point>.log`; a point whose workdir holds
 summary.json is done and skipped. chinchax.scaling.launch trains the pending points (local subprocesses, Ray
 tasks on a local or existing cluster, a SLURM array job, printed commands). `results.csv` / `results.jsonl`
 gather every done point's tags and summary, with where its trainer's wall time went (`timing_table`: training,
@@ -18,8 +19,11 @@ import dataclasses
 import io
 import json
 import pathlib
+from collections.abc import Iterable, Sequence
 
 from chinchax import atomic
+from chinchax import config as config_lib
+from chinchax.model import flops
 from chinchax.scaling.plan import Point
 
 ANALYSES = ("compute_law", "isoflop", "mutransfer", "sparse")
@@ -40,6 +44,7 @@ SUMMARY_COLUMNS = (
 OVERHEAD_COLUMNS = ("startup_seconds", "first_step_seconds", "eval_seconds", "checkpoint_seconds")
 # A sparse run's (chinchax.training.sparsity): average non-zero parameters and kept fractions (dense: None).
 SPARSITY_COLUMNS = ("n_avg", "average_density", "final_density")
+SEED_KEY = "train.seed"  # the config field a sweep's seed axis sets
 
 
 class SweepError(ValueError):
@@ -61,6 +66,27 @@ class Sweep:
             raise SweepError(f"sweep {self.name!r}: point names repeat")
         if self.analysis not in (None, *ANALYSES):
             raise SweepError(f"sweep {self.name!r}: analysis {self.analysis!r} is not one of {ANALYSES}")
+
+
+def seeded(points: Iterable[Point], seeds: Sequence[int]) -> tuple[Point, ...]:
+    """Each point once per seed (seeds innermost): named `<point>_s<seed>`, with `train.seed` set and a `seed` tag.
+    No seeds: the points unchanged (their names, overrides and tags)."""
+    points = tuple(points)
+    if not seeds:
+        return points
+    fixed = [p.name for p in points if any(key == SEED_KEY for key, _ in p.overrides)]
+    if fixed:
+        raise SweepError(f"point(s) {', '.join(fixed)} already set {SEED_KEY}; a seed axis sets it")
+    return tuple(
+        dataclasses.replace(
+            point,
+            name=f"{point.name}_s{seed}",
+            overrides=point.overrides + ((SEED_KEY, seed),),
+            tags={**point.tags, "seed": seed},
+        )
+        for point in points
+        for seed in seeds
+    )
 
 
 def workdir(root: pathlib.Path, point: Point) -> pathlib.Path:
@@ -122,20 +148,26 @@ def gather(sweep: Sweep, root: pathlib.Path) -> list[dict]:
 
 
 def training_curve(root: pathlib.Path, row: dict) -> list[dict]:
-    """A done point's logged training loss against its FLOPs so far (tokens · flops_per_token): rows for
-    approach 1 (`experiments.fit --results=ROOT/curves.csv --law=envelope`). Mid-run losses of a decaying
-    schedule lie above what a run that short would reach, so the envelope overestimates the optimal size."""
-    path = root / "runs" / str(row["point"]) / "metrics.jsonl"
+    """A done point's logged training loss against its FLOPs so far: rows for approach 1
+    (`experiments.fit --results=ROOT/curves.csv --law=envelope`). FLOPs so far are tokens · flops_per_token, a
+    sparse run's (one with `average_density`) what it spent, each step at its density (chinchax.model.flops,
+    from the run's config.json). Mid-run losses of a decaying schedule lie above what a run that short would
+    reach, so the envelope overestimates the optimal size."""
+    run = root / "runs" / str(row["point"])
+    path = run / "metrics.jsonl"
     records = (
         [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     )
+    spent = None
+    if row.get("average_density") is not None:
+        spent = flops.spent_flops(config_lib.from_json((run / "config.json").read_text()))
     sizes = {k: row[k] for k in ("params", "non_embedding_params")}
     return [
         {
             "run": row["point"],
             **sizes,
             "tokens": r["tokens"],
-            "flops": r["tokens"] * row["flops_per_token"],
+            "flops": r["tokens"] * row["flops_per_token"] if spent is None else float(spent[r["step"]]),
             "loss": r["loss"],
         }
         for r in records
