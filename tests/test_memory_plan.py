@@ -90,9 +90,11 @@ def test_sharded_state_equals_xla_argument_bytes(preset, sizes, vocab_split):
     assert compiled["state_bytes_per_device"] == expected + scalars
     batch = 2 * cfg.train.batch_size // (sizes["data"] * sizes["fsdp"]) * cfg.data.seq_len * 4
     assert compiled["memory_per_device_bytes"]["arguments"] == expected + scalars + batch
-    # The whole plan (activations, logits, gathered layers: a model, not a count) stays near XLA's figure.
+    # The whole plan (activations, logits, gathered layers: a model, not a count) against XLA's figure. choose()
+    # acts on the plan, so it must not fall below XLA's (a chosen step would not fit) nor waste much of the device:
+    # measured 1.11 on wse-8 and 1.19 on gpu-8 (jax 0.10.2).
     ratio = plan.total / compiled["memory_per_device_bytes"]["total"]
-    assert 0.6 < ratio < 1.6, ratio
+    assert 1.0 <= ratio < 1.3, ratio
 
 
 def _gpt2_point(batch: int = 32):
@@ -173,5 +175,6 @@ def test_dry_run_of_the_2_7b_point_on_an_h100_node_fits():
     assert report["per_device_memory_bytes"] <= 72 * GiB  # XLA's figure, H100 80 GiB less the 10% margin
     assert report["microbatches"] >= 1 and report["remat"] in ("none", "dots", "full")
     assert report["aot"]["batch"]["microbatches"] * report["aot"]["batch"]["sequences"] == 528
-    assert 0.7 < report["memory"]["analytic_over_xla"] < 1.6
+    # choose() picked this by the analytic figure: at least XLA's, at most 30% above (measured 1.17, jax 0.10.2)
+    assert 1.0 <= report["memory"]["analytic_over_xla"] < 1.3
     assert out.stderr.count("\n") < 5, f"the dry run prints no alarms: {out.stderr[:500]}"
