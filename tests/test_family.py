@@ -161,7 +161,7 @@ CPU_DRY_RUN_PLANNED_BYTES = 12 * 2**30
 CPU_DRY_RUN_PEAK_BYTES = 5 * 2**30
 CPU_DRY_RUN_SECONDS = 180
 # name: whether 12 GiB holds its step (then it is compiled and predicted); the other points run under `slow`.
-CPU_DRY_RUN_IN_DEFAULT_TESTS = {"chinchilla_111m": True, "mup_256m": True, "chinchilla_1.3b": False}
+CPU_DRY_RUN_IN_DEFAULT_TESTS = {"chinchilla_111m": True, "chinchilla_1.3b": False}
 # experiments.run as __main__, printing the process's peak resident memory (VmHWM, kB) last on stderr.
 WITH_PEAK_MEMORY = (
     "import atexit, runpy, sys; "

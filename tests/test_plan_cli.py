@@ -61,6 +61,7 @@ def test_pods_write_gives_the_table_build_md_carries(tmp_path, name):
     assert written.split(plan_cli.MARKERS[1])[1] == committed.split(plan_cli.MARKERS[1])[1]
 
 
+@pytest.mark.slow  # up to four compiles of a billion-parameter step (about a minute); the rounds are unit-tested
 def test_a_budget_in_device_hours_is_spent_at_the_predicted_mfu():
     """--budget=500 --unit=device_hours --mesh=gpu-8: the chosen point's model FLOPs over 8 H100s at the peak
     times its predicted MFU take the predicted device-hours, within the planner's tolerance of the budget."""
