@@ -156,9 +156,11 @@ def test_dry_run_cli_every_point_in_seconds(cerebras_reference):
 # A published point's dry run on the cpu preset, planned against 12 GiB (its address-space limit), stays within
 # these (peak resident bytes, seconds), with a margin for CI's two tests at a time on 2 cores. Before matmuls were
 # timed as bounded slices, chinchilla_111m's dry run timed its logits at full size: planned against this
-# machine's 24 GB it was killed by the kernel's OOM killer after 204 s; against 12 GiB its peak was 10.3 GB.
+# machine's 24 GB it was killed by the kernel's OOM killer after 204 s; against 12 GiB it timed out at 180 s. Since,
+# its peak measured 3.5-5.0 GiB (compile, the 256 MiB bandwidth passes and the matmul slices, under the allocator
+# that keeps freed memory, as the run it predicts).
 CPU_DRY_RUN_PLANNED_BYTES = 12 * 2**30
-CPU_DRY_RUN_PEAK_BYTES = 5 * 2**30
+CPU_DRY_RUN_PEAK_BYTES = 6 * 2**30
 CPU_DRY_RUN_SECONDS = 180
 # name: whether 12 GiB holds its step (then it is compiled and predicted); the other points run under `slow`.
 CPU_DRY_RUN_IN_DEFAULT_TESTS = {"chinchilla_111m": True, "chinchilla_1.3b": False}
