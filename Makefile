@@ -13,7 +13,7 @@ TEST_STAMP    := $(VENV)/.installed-test
 # `make lock LOCK_FLAGS=` keeps today's pins and only adds what setup.cfg newly asks for.
 LOCK_FLAGS ?= --upgrade
 
-.PHONY: venv install install-test demo test test-all lint bench lock clean
+.PHONY: venv install install-test demo test test-slow test-all lint bench lock clean
 
 venv: $(PY)
 
@@ -40,6 +40,11 @@ demo: install
 
 test: install-test
 	$(PY) -m pytest -q -n 2 --durations=15
+
+# CI's second job (.ci/run runs it after `make test`): the tests marked slow, each a must-have behaviour too
+# long for the default run (every published point's cpu dry run, the real μTransfer sweep, a bare-venv install).
+test-slow: install-test
+	$(PY) -m pytest -q -n 2 -m slow --durations=15
 
 test-all: install-test
 	$(PY) -m pytest -q -n 2 -m "" --durations=15
