@@ -3,8 +3,10 @@ sbatch reads the script's #SBATCH nodes and tasks), `srun` and `scontrol` stand-
 stand-in srun starts a step's tasks as local processes numbered as srun numbers them (SLURM_PROCID /
 SLURM_NTASKS / SLURM_NODEID / SLURM_LOCALID), so a point of two hosts trains as two processes on localhost, with
 one process's losses. A resubmission's queued tasks keep their points; a task takes the local launcher's point
-lock and records a divergence as the local launcher does."""
+lock and records a divergence as the local launcher does; SLURM's warning TERM to the batch shell reaches the
+trainer, which checkpoints, and the resubmitted task resumes it."""
 
+import contextlib
 import json
 import os
 import pathlib
@@ -23,6 +25,7 @@ import pytest
 from chinchax.scaling import launch, plan
 from chinchax.scaling import sweep as sweep_lib
 from tests.conftest import REPO
+from tests.test_launch_signals import stoppable_repo, wait_for_starts
 
 SRUN = textwrap.dedent(
     """\
@@ -231,6 +234,44 @@ def test_array_task_records_a_divergence_as_the_local_launcher_does(tmp_path, sl
     assert recorded == sweep_lib.diverged_path(local, sweep.points[0]).read_text()
     run_task(script, 1, slurm_bin)
     assert starts(root, "nan") == 1, "a recorded divergence is not retried"
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (a bash trap): the SigCgt mask of /proc/PID/status."""
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    caught = int(re.search(r"^SigCgt:\s*([0-9a-f]+)$", status, re.MULTILINE).group(1), 16)
+    return bool(caught >> (sig - 1) & 1)
+
+
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_term_to_an_array_task_reaches_its_trainer_which_checkpoints_then_resumes(tmp_path, slurm_bin, hosts):
+    """`#SBATCH --signal=B:TERM@120` signals the batch shell alone; its trap forwards the TERM to the trainer
+    (srun, for several hosts, forwards it to every task), waits for it, and exits with its status."""
+    root = tmp_path / "root"
+    sweep = sweep_lib.Sweep("stop", "test", (plan.Point("p", "cpu_tiny"),))
+    script = launch.write_slurm(sweep, root, stoppable_repo(tmp_path), hosts=hosts)
+    workdir = root / "runs" / "p"
+    task = start_task(script, 1, slurm_bin)
+    try:
+        wait_for_starts(workdir, hosts, task, limit=30)
+        deadline = time.monotonic() + 5  # the trap is set right after the trainer starts
+        while not catches(task.pid, signal.SIGTERM) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(task.pid, signal.SIGTERM)
+        rc, output = finish(task, timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(task.pid, signal.SIGKILL)  # a trainer the TERM did not stop
+    assert rc == 0, (
+        f"the task exits with its trainer's status (0: stopped at a checkpoint), got {rc}:\n{output}"
+    )
+    assert (workdir / "checkpoint").read_text() == "saved", "the trainer got TERM and checkpointed"
+    assert not (workdir / "summary.json").exists()
+    assert sweep_lib.status(root, sweep.points[0]) == "pending"
+
+    run_task(script, 1, slurm_bin)  # resubmitted
+    assert json.loads((workdir / "summary.json").read_text()) == {"resumed": True}
+    assert len((workdir / "started").read_text().splitlines()) == hosts, "the rerun resumed, not restarted"
 
 
 def test_srun_task_given_a_coordinator_keeps_all_its_devices():

@@ -34,6 +34,7 @@ from chinchax.scaling.sweep import Sweep, SweepError, diverged_path, log_path, s
 RUNNER = ("-m", "experiments.run")
 DIVERGED_STATUS = 3  # experiments.run's exit status for a run whose loss went non-finite
 RAY_ACCELERATORS = {"gpu": "GPU", "tpu": "TPU"}  # preset platform → Ray's resource name
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # a launcher stops its points at a checkpoint on either
 
 
 def command(root: pathlib.Path, point: Point, python: str = sys.executable) -> list[str]:
@@ -98,7 +99,8 @@ def run_point(
     root: pathlib.Path, point: Point, cwd: pathlib.Path, children: dict, stopping: threading.Event
 ) -> Outcome:
     """Train one point under its lock unless it is done, diverged or `stopping`; the trainer is in `children`
-    while it runs."""
+    while it runs. Interrupted here (a cancelled Ray task's KeyboardInterrupt), it stops the trainer at a
+    checkpoint before it lets the lock go."""
     start = time.perf_counter()
     with _point_lock(root, point) as mine:
         if not mine:
@@ -114,8 +116,15 @@ def run_point(
                 command(root, point), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
             )
             children[point.name] = child
-            rc = _wait(child)
-            children.pop(point.name, None)
+            try:
+                if stopping.is_set():  # stopped while it started: the launcher's SIGTERMs may have missed it
+                    child.send_signal(signal.SIGTERM)
+                rc = _wait(child)
+            except KeyboardInterrupt:
+                _terminate({point.name: child})
+                raise
+            finally:
+                children.pop(point.name, None)
         seconds = time.perf_counter() - start
         if status(root, point) == "done":
             return Outcome(point.name, "done", seconds)
@@ -147,12 +156,7 @@ def run_point_task(root: pathlib.Path, point: Point, cwd: pathlib.Path) -> Outco
     """run_point as a Ray task: cancelling the task (KeyboardInterrupt) stops the trainer at a checkpoint."""
     # Ray cancels through the SIGINT handler, which a worker started from a background shell lacks.
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    children: dict[str, subprocess.Popen] = {}
-    try:
-        return run_point(root, point, cwd, children, threading.Event())
-    except KeyboardInterrupt:
-        _terminate(children)
-        raise
+    return run_point(root, point, cwd, {}, threading.Event())
 
 
 @dataclasses.dataclass
@@ -172,15 +176,18 @@ class _Tally:
 
 @contextlib.contextmanager
 def _launching(sweep: Sweep, root: pathlib.Path, todo: list[Point], progress: bool):
-    """A tally for the `todo` points' outcomes; meanwhile SIGTERM raises KeyboardInterrupt, as SIGINT does."""
+    """A tally for the `todo` points' outcomes; meanwhile SIGINT and SIGTERM raise KeyboardInterrupt, whatever
+    handled them before (a trainer run in this process leaves its StopRequest handler, which would swallow
+    Ctrl-C; a shell's background job starts with SIGINT ignored)."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
     done = len(sweep.points) - len(todo)
     bar = tqdm(total=len(sweep.points), initial=done, desc=sweep.name, unit="run", disable=not progress)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in STOP_SIGNALS}
     try:
         yield _Tally(bar)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         bar.close()
 
 
@@ -204,8 +211,8 @@ def run_local(
         _launching(sweep, root, todo, progress) as tally,
         concurrent.futures.ThreadPoolExecutor(max_workers=parallel) as pool,
     ):
-        futures = [pool.submit(run_point, root, p, cwd, children, stopping) for p in todo]
-        try:
+        try:  # a Ctrl-C while the points are submitted stops them too
+            futures = [pool.submit(run_point, root, p, cwd, children, stopping) for p in todo]
             for future in concurrent.futures.as_completed(futures):
                 tally.add(future.result())
         except KeyboardInterrupt:
@@ -299,11 +306,13 @@ def run_ray(
     import ray
 
     todo = pending(sweep, root)
-    # _launching's SIGTERM handler goes in after ray.init, which installs its own
+    # _launching's SIGINT / SIGTERM handlers go in after ray.init, which installs its own SIGTERM handler
     with _ray_connected(address), _launching(sweep, root, todo, progress) as tally:
         task = ray.remote(run_point_task)
-        points = {task.options(**_ray_options(resources[p.name])).remote(root, p, cwd): p for p in todo}
-        try:
+        points = {}
+        try:  # a Ctrl-C while the tasks are submitted cancels those submitted
+            for p in todo:
+                points[task.options(**_ray_options(resources[p.name])).remote(root, p, cwd)] = p
             while points:  # wait in short slices, so Ctrl-C / SIGTERM reach this loop at once
                 ready, _ = ray.wait(list(points), timeout=1.0)
                 for ref in ready:
@@ -311,7 +320,8 @@ def run_ray(
         except KeyboardInterrupt:
             for ref in points:
                 ray.cancel(ref)
-            ray.wait(list(points), num_returns=len(points))
+            if points:
+                ray.wait(list(points), num_returns=len(points))
             raise
     return tally.outcomes
 
