@@ -77,12 +77,26 @@ def test_every_sparse_run_has_a_dense_twin_at_its_n_avg_and_tokens(planned):
         assert (twin.model.n_layers, twin.model.n_heads) == (cfg.model.n_layers, cfg.model.n_heads)
 
 
-@pytest.mark.slow
+# The must-show run, shortened so that the default test run holds it: 64-token sequences, 40 steps, a pruning
+# event every 10 (three events, at steps 7, 17 and 27, down to 50%), two evaluation batches; 8 sequences a step
+# (cpu_tiny's batch).
+SHORT_STEPS, SHORT_SEQ = 40, 64
+SHORT = (
+    f"--config.data.seq_len={SHORT_SEQ}",
+    f"--config.train.tokens={8 * SHORT_SEQ * SHORT_STEPS}",
+    f"--config.train.warmup_tokens={8 * SHORT_SEQ * 4}",
+    "--config.train.eval_batches=2",
+    "--config.sparsity.every=10",
+)
+
+
 def test_a_half_sparse_run_exports_matrices_half_zero(tmp_path):
-    """The must-show: `experiments.run --config=cpu_tiny --config.sparsity.target=0.5`, then
+    """The must-show: `experiments.run --config=cpu_tiny --config.sparsity.target=0.5` (shortened, SHORT), then
     `experiments.convert --to_hf`: 50% zeros over the attention and MLP matrices, none in the embeddings."""
     run, out = tmp_path / "run", tmp_path / "hf"
-    run_module("experiments.run", "--config=cpu_tiny", "--config.sparsity.target=0.5", f"--workdir={run}")
+    run_module(
+        "experiments.run", "--config=cpu_tiny", "--config.sparsity.target=0.5", *SHORT, f"--workdir={run}"
+    )
     run_module("experiments.convert", f"--workdir={run}", f"--to_hf={out}")
     state = safetensors.numpy.load_file(out / "model.safetensors")
     matrices = [v for k, v in state.items() if k.endswith(MATRICES)]
@@ -97,6 +111,8 @@ def test_a_half_sparse_run_exports_matrices_half_zero(tmp_path):
 
     summary = json.loads((run / "summary.json").read_text())
     cfg = configs.get("cpu_tiny")
-    steps = summary["tokens"] // (cfg.train.batch_size * cfg.data.seq_len)
+    steps = summary["tokens"] // (cfg.train.batch_size * SHORT_SEQ)
+    assert steps == SHORT_STEPS
+    assert len(summary["pruning_steps"]) >= 2  # gradual: several events, not one shot
     assert summary["final_density"] == pytest.approx(0.5, abs=0.005)
     assert summary["n_avg"] == pytest.approx(n_avg(cfg.model, 0.5, summary["pruning_steps"], steps), rel=1e-9)
