@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from chinchax import atomic, data
 
@@ -160,8 +161,8 @@ def measure_dot_seconds(
         return jax.lax.fori_loop(0, iterations, body, a)
 
     call = jax.jit(loop if iterations > 1 else lambda a, b: jax.lax.dot_general(a, b, dimension_numbers))
-    a = jax.random.normal(jax.random.key(0), lhs, jnp.float32)
-    b = jax.random.normal(jax.random.key(1), rhs, jnp.float32)
+    rng = np.random.default_rng(0)  # numpy, not jax.random: that compiles a sampler for every new shape
+    a, b = (jnp.asarray(rng.standard_normal(shape, np.float32)) for shape in (lhs, rhs))
     call(a, b).block_until_ready()
     times = []
     for _ in range(repeats):
