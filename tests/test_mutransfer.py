@@ -11,7 +11,7 @@ the optimizer's update is linear in the peak learning rate (clip → Adam → de
 per-role multipliers), so one step compiled with the learning rate as an argument trains every point of that
 shape; a real `train.train` run of one point checks that this loop gives the trainer's loss. The loop takes
 the trainer's batches (the same loader and seed), its initial state, optimizer and loss; the validation loss is
-the mean over the first `train.eval_batches` validation batches in order, as `train.evaluate` computes it.
+the mean over the first `train.eval_batches` validation batches in order, as `train.make_evaluate` computes it.
 
 Seeds are fixed, not drawn: this is a measurement of where the optimum lies. Each point is trained with its
 config's `train.seed`, the sweep's seeds 0, 1 and 2 (initialisation and data order), and
@@ -91,7 +91,8 @@ def sweep_shape(points: list[tuple[float, object]], batches: list[dict], validat
     unit.train.peak_lr = 1.0  # the update at peak LR η is η × the update at peak LR 1
     planned = flops.plan(unit)
     assert planned.steps == len(batches), (planned.steps, len(batches))
-    opt = train_state.optimizer(unit, gpt.param_shapes(unit.model), planned.tokens)
+    schedule = train_state.run_schedule(unit)
+    opt = train_state.optimizer(unit, gpt.param_shapes(unit.model), schedule)
     loss = train.loss_fn(unit)
 
     def mean_loss(params, inputs, targets):
@@ -108,7 +109,7 @@ def sweep_shape(points: list[tuple[float, object]], batches: list[dict], validat
         ), value
 
     evaluate = jax.jit(mean_loss)
-    start = train_state.init_state(unit, jax.random.key(unit.train.seed), planned.tokens)
+    start = train_state.init_state(unit, jax.random.key(unit.train.seed), schedule)
     losses = {}
     for lr, _ in points:
         state, train_losses = start, []

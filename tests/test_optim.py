@@ -11,6 +11,7 @@ import torch
 from chinchax import config
 from chinchax.model import gpt
 from chinchax.training import optim
+from chinchax.training.state import run_schedule
 from experiments import configs
 
 
@@ -53,7 +54,7 @@ def expected_lr(cfg, step):
 @pytest.mark.parametrize("decay", ["linear", "cosine"])
 def test_schedule_warmup_and_decay_to_ten_percent(decay):
     cfg = tiny(decay=decay)
-    lr = optim.learning_rate(cfg, cfg.train.tokens)
+    lr = optim.learning_rate(cfg, run_schedule(cfg))
     for step in range(10):
         assert float(lr(step)) == pytest.approx(expected_lr(cfg, step), rel=1e-5), step
     assert float(lr(9)) == pytest.approx(0.1 * cfg.train.peak_lr, rel=1e-5)
@@ -63,7 +64,7 @@ def test_schedule_warmup_and_decay_to_ten_percent(decay):
 def test_schedule_is_in_tokens_across_a_batch_ramp():
     cfg = tiny(decay="linear")
     cfg.train.update(batch_ramp=((4 * 32 * 4, 8),), tokens=4 * 32 * 4 + 8 * 32 * 3, warmup_tokens=0)
-    lr = optim.learning_rate(cfg, cfg.train.tokens)
+    lr = optim.learning_rate(cfg, run_schedule(cfg))
     tokens_after = [128, 256, 384, 512, 768, 1024, 1280]
     for step, tokens in enumerate(tokens_after):
         expected = 3e-2 * (1 - 0.9 * tokens / cfg.train.tokens)
@@ -132,7 +133,7 @@ def test_updates_match_torch_adamw_with_param_groups(parametrization_name, cereb
         assert {g["lr_mult"] for g in groups} == {1.0, 2.0}
     assert {g["weight_decay"] for g in groups} == {0.0, 0.1}
     torch_opt = torch.optim.AdamW(groups, lr=1.0, betas=(0.9, 0.95), eps=1e-8)
-    opt = optim.make_optimizer(cfg, params, cfg.train.tokens)
+    opt = optim.make_optimizer(cfg, params, run_schedule(cfg))
     state = opt.init(params)
     for step in range(6):
         grads = [rng.standard_normal(x.shape).astype(np.float32) * 0.3 for x in leaves]

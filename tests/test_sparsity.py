@@ -10,6 +10,7 @@ import pytest
 from chinchax import config
 from chinchax.model import flops, gpt
 from chinchax.training import checkpoint, optim, sparsity, train
+from chinchax.training.state import run_schedule
 from experiments import configs
 
 # The HF model cards of the sparse 1B runs: (name, steps, first event, last event, final sparsity, the
@@ -64,7 +65,7 @@ def test_masks_under_adamw_with_weight_decay():
     cfg = config.validate(cfg)
     params = gpt.init_params(cfg.model, jax.random.key(0))
     schedule = flops.make_schedule("geometric", 0.7, 20, 60, 10)
-    opt = sparsity.prune(optim.make_optimizer(cfg, params, cfg.train.tokens), schedule)
+    opt = sparsity.prune(optim.make_optimizer(cfg, params, run_schedule(cfg)), schedule)
     state = opt.init(params)
 
     @jax.jit

@@ -88,6 +88,22 @@ def reference_run(tmp_path_factory):
     return workdir, summary
 
 
+def test_training_puts_back_the_callers_signal_handlers(tmp_path):
+    """Within the loop SIGINT / SIGTERM only ask for a checkpoint and a stop; afterwards the caller's handlers
+    are back (a launcher later in the same process must see Ctrl-C)."""
+
+    def callers(signum, frame):
+        raise RuntimeError("the caller's handler")
+
+    before = {sig: signal.signal(sig, callers) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train.train(tiny_config(**{"train.tokens": 8 * 64 * 6}), tmp_path, show_progress=False)
+        assert {sig: signal.getsignal(sig) for sig in before} == {sig: callers for sig in before}
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_same_seed_gives_bit_identical_losses(reference_run, tmp_path):
     workdir, summary = reference_run
     again = train.train(tiny_config(), tmp_path, show_progress=False)

@@ -1,13 +1,17 @@
 """The experiment config: one schema with a docstring per field, strict validation, derived quantities.
 
 A config is an `ml_collections.ConfigDict` built from `SCHEMA` and locked, so a misspelt key fails at once.
-Scale points (experiments/configs/) start from `base_config()` and set what differs.
+Scale points (experiments/configs/) start from `base_config()` and set what differs. A run's tokens, steps and
+batches are derived once into a `TrainSchedule` (`train_schedule`) that the optimizer, the pruner, the state and
+the training loop take.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+from collections.abc import Callable
 
 import ml_collections
 
@@ -148,17 +152,31 @@ def flatten(tree, prefix: str = "", sep: str = ".") -> dict:
     return flat
 
 
+_Need = Callable[[bool, str], None]  # need(ok, message): ConfigError naming the config unless ok
+
+
 def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Raise ConfigError (one line, naming the field) for anything that cannot run; return cfg."""
     unknown = sorted(set(flatten(cfg)) - set(SCHEMA))
     if unknown:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-    m, d, t = cfg.model, cfg.data, cfg.train
 
     def need(ok: bool, message: str) -> None:
         if not ok:
             raise ConfigError(f"config {cfg.name!r}: {message}")
 
+    _check_model(cfg.model, need)
+    _check_data(cfg.model, cfg.data, need)
+    _check_optimizer(cfg.train, need)
+    _check_loop(cfg.train, need)
+    _check_mesh(cfg.mesh, need)
+    _check_sparsity(cfg.sparsity, need)
+    _check_batches(cfg.train, need)
+    return cfg
+
+
+def _check_model(m: ml_collections.ConfigDict, need: _Need) -> None:
+    """model.*: positive sizes, heads that divide the width, names from their lists, positive init scales."""
     for key in ("vocab_size", "max_positions", "d_model", "n_layers", "n_heads"):
         need(isinstance(m[key], int) and m[key] > 0, f"model.{key}={m[key]!r} must be a positive int")
     need(m.d_ffn >= 0, f"model.d_ffn={m.d_ffn} must be >= 0")
@@ -181,6 +199,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     need(m.init_std > 0, f"model.init_std={m.init_std} must be > 0")
     need(m.out_proj_init_std >= 0, f"model.out_proj_init_std={m.out_proj_init_std} must be >= 0")
     need(m.mup_base_width > 0, f"model.mup_base_width={m.mup_base_width} must be > 0")
+
+
+def _check_data(m: ml_collections.ConfigDict, d: ml_collections.ConfigDict, need: _Need) -> None:
+    """data.*: a known tokenizer whose ids fit the vocabulary, sequences no longer than the positions."""
     need(
         d.tokenizer in TOKENIZERS,
         f"data.tokenizer={d.tokenizer!r} is not one of {list(TOKENIZERS)}",
@@ -194,6 +216,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         0 < d.seq_len <= m.max_positions,
         f"data.seq_len={d.seq_len} must be in 1..model.max_positions={m.max_positions}",
     )
+
+
+def _check_optimizer(t: ml_collections.ConfigDict, need: _Need) -> None:
+    """train.* of the optimisation: the learning-rate schedule, the token budget, the microbatch count."""
     need(t.decay in DECAYS, f"train.decay={t.decay!r} is not one of {DECAYS}")
     need(t.peak_lr > 0, f"train.peak_lr={t.peak_lr} must be > 0")
     need(0 <= t.end_lr_fraction <= 1, f"train.end_lr_fraction={t.end_lr_fraction} must be in [0, 1]")
@@ -206,6 +232,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         isinstance(t.microbatches, int) and t.microbatches >= AUTO,
         f"train.microbatches={t.microbatches!r} must be an int >= 1, or 0 / 'auto'",
     )
+
+
+def _check_loop(t: ml_collections.ConfigDict, need: _Need) -> None:
+    """train.* of the loop: positive intervals and counts, final-evaluation splits named at most once."""
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
         need(t[key] >= 1, f"train.{key}={t[key]} must be >= 1")
     need(isinstance(t.final_eval, str), f"train.final_eval={t.final_eval!r} must be a comma-separated string")
@@ -214,16 +244,20 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         set(splits) <= set(EVAL_SPLITS) and len(set(splits)) == len(splits),
         f"train.final_eval={t.final_eval!r} must name each of {EVAL_SPLITS} at most once, comma-separated",
     )
-    need(
-        isinstance(cfg.mesh.preset, str) and cfg.mesh.preset,
-        f"mesh.preset={cfg.mesh.preset!r} must name a preset",
-    )
+
+
+def _check_mesh(mesh: ml_collections.ConfigDict, need: _Need) -> None:
+    """mesh.*: a preset name and axis sizes >= 0."""
+    need(isinstance(mesh.preset, str) and mesh.preset, f"mesh.preset={mesh.preset!r} must name a preset")
     for key in ("data", "fsdp", "tensor"):
         need(
-            isinstance(cfg.mesh[key], int) and cfg.mesh[key] >= 0,
-            f"mesh.{key}={cfg.mesh[key]!r} must be an int >= 0 (0 keeps the preset's size)",
+            isinstance(mesh[key], int) and mesh[key] >= 0,
+            f"mesh.{key}={mesh[key]!r} must be an int >= 0 (0 keeps the preset's size)",
         )
-    sp = cfg.sparsity
+
+
+def _check_sparsity(sp: ml_collections.ConfigDict, need: _Need) -> None:
+    """sparsity.*: a target in [0, 1), a known schedule, ordered compute fractions, a positive event interval."""
     need(0 <= sp.target < 1, f"sparsity.target={sp.target} must be in [0, 1)")
     need(
         sp.schedule in SPARSITY_SCHEDULES,
@@ -235,6 +269,10 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         f"sparsity.end_fraction={sp.end_fraction} must be in [sparsity.start_fraction, 1)",
     )
     need(isinstance(sp.every, int) and sp.every >= 1, f"sparsity.every={sp.every!r} must be an int >= 1")
+
+
+def _check_batches(t: ml_collections.ConfigDict, need: _Need) -> None:
+    """The batch schedule: positive sizes that split into whole microbatches, ramp starts in order."""
     last_start = 0
     for start, size in batch_schedule(t):
         need(size > 0, f"train batch size {size} must be > 0")
@@ -246,7 +284,6 @@ def validate(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             )
         need(start >= last_start, f"train.batch_ramp starts must increase, got {start}")
         last_start = start
-    return cfg
 
 
 def final_eval_splits(train: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -294,20 +331,52 @@ def batch_phases(cfg: ml_collections.ConfigDict) -> list[tuple[int, int, int]]:
     return phases
 
 
-def tokens_before(cfg: ml_collections.ConfigDict, step: int) -> int:
-    """Tokens seen before (0-based) step `step`, exactly."""
-    first, seen, size = [phase for phase in batch_phases(cfg) if phase[0] <= step][-1]
-    return seen + (step - first) * size * cfg.data.seq_len
-
-
-def batch_size_at(cfg: ml_collections.ConfigDict, step: int) -> int:
-    """Sequences in (0-based) step `step`."""
-    return [size for first, _, size in batch_phases(cfg) if first <= step][-1]
-
-
 def steps_for(cfg: ml_collections.ConfigDict, tokens: int) -> int:
     """Optimizer steps needed to see `tokens` under the batch schedule (the last step may overshoot)."""
     for first, seen, size in reversed(batch_phases(cfg)):
         if seen < tokens or first == 0:
             return first + math.ceil((tokens - seen) / (size * cfg.data.seq_len))
     raise AssertionError("the first phase starts at step 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSchedule:
+    """A run's tokens, steps and batches, derived once from its config (`train_schedule`) and handed to the
+    optimizer, the pruner, the state and the loop."""
+
+    tokens: int  # training tokens the run is planned for: what the learning-rate schedule spans
+    steps: int  # optimizer steps that see them under the batch schedule (the last one may overshoot)
+    phases: tuple[
+        tuple[int, int, int], ...
+    ]  # per batch size: (first step, tokens seen before it, sequences/step)
+    seq_len: int  # tokens per sequence
+    microbatch: (
+        int  # sequences per microbatch, fixed through a ramp; AUTO (0) until train.microbatches is resolved
+    )
+
+    def batch_size_at(self, step: int) -> int:
+        """Sequences in (0-based) step `step`."""
+        return [size for first, _, size in self.phases if first <= step][-1]
+
+    def microbatches_at(self, step: int) -> int:
+        """Microbatches in (0-based) step `step`."""
+        return self.batch_size_at(step) // self.microbatch
+
+    def tokens_before(self, step: int) -> int:
+        """Tokens seen before (0-based) step `step`, exactly."""
+        first, seen, size = [phase for phase in self.phases if phase[0] <= step][-1]
+        return seen + (step - first) * size * self.seq_len
+
+
+def train_schedule(cfg: ml_collections.ConfigDict, params: int) -> TrainSchedule:
+    """The schedule of cfg's run; params: its parameter count (chinchax.model.flops.param_count), which sets the
+    tokens when train.tokens is 0."""
+    tokens = train_tokens(cfg, params)
+    t = cfg.train
+    return TrainSchedule(
+        tokens=tokens,
+        steps=steps_for(cfg, tokens),
+        phases=tuple(batch_phases(cfg)),
+        seq_len=cfg.data.seq_len,
+        microbatch=AUTO if t.microbatches == AUTO else microbatch_size(t),
+    )

@@ -205,16 +205,7 @@ def prepare(
     validation_fraction, test_fraction: expected shares of documents held out (by document hash).
     num_threads: tokenizer threads (default: the CPUs this process may use).
     """
-    if not isinstance(corpus, Corpus):
-        corpus = open_corpus(corpus, max_bytes)
-    elif max_bytes is not None:
-        raise DataError("pass max_bytes to open_corpus when giving prepare a Corpus")
-    tokenizer = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-    fractions = (float(validation_fraction), float(test_fraction))
-    if min(fractions) < 0 or sum(fractions) >= 1:
-        raise DataError(
-            f"validation_fraction={fractions[0]} and test_fraction={fractions[1]} must be >= 0, sum < 1"
-        )
+    corpus, tokenizer, fractions = _inputs(corpus, tokenizer, max_bytes, validation_fraction, test_fraction)
     num_threads = num_threads or len(os.sched_getaffinity(0))
     out_dir = pathlib.Path(out_dir).expanduser()
     fingerprint = store_fingerprint(corpus, tokenizer, fractions)
@@ -236,47 +227,99 @@ def prepare(
             partial, corpus, tokenizer, fractions, num_threads, progress
         )
         seconds = time.perf_counter() - start
-        text_bytes = sum(c["text_bytes"] for c in splits.values())
-        tokens = sum(c["tokens"] for c in splits.values())
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "corpus": corpus.describe(),
-            "content_hash": content_hash,
-            "tokenizer": {
-                "name": tokenizer.name,
-                "vocab_size": tokenizer.vocab_size,
-                "eos_id": tokenizer.eos_id,
-            },
-            "dtype": tokenizer.storage_dtype.name,
-            "eos": "after every document",
-            "split_rule": "blake2b-128 of the document's UTF-8 text; first 8 bytes / 2**64 vs the fractions",
-            "validation_fraction": fractions[0],
-            "test_fraction": fractions[1],
-            "splits": splits,
-            "skipped": skips.as_dict(),
-            "build": {
-                "seconds": round(seconds, 3),
-                "threads": num_threads,
-                "chinchax_version": chinchax.__version__,
-                "text_mb_per_s": round(text_bytes / seconds / 1e6, 3),
-                "tokens_per_s": round(tokens / seconds),
-            },
-        }
+        manifest = _manifest(
+            fingerprint, corpus, tokenizer, fractions, splits, content_hash, skips, seconds, num_threads
+        )
         atomic.write_json(partial / MANIFEST, manifest)
-        try:
-            os.rename(partial, path)
-        except OSError:
-            if not _reuse(path, fingerprint):  # another process finished the same store first
-                raise
-            shutil.rmtree(partial, ignore_errors=True)
+        _move_into_place(partial, path, fingerprint)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     if progress:
-        counts = ", ".join(f"{s} {c['tokens']:,}" for s, c in splits.items())
-        tqdm.write(
-            f"prepared {path}: {text_bytes / 1e6:.1f} MB of text -> tokens {counts} in {seconds:.1f} s "
-            f"({text_bytes / seconds / 1e6:.2f} MB/s, {tokens / seconds:,.0f} tokens/s); {skips.summary()}"
-        )
+        tqdm.write(_prepared_line(path, splits, skips, seconds))
     return path
+
+
+def _inputs(
+    corpus: str | os.PathLike | Corpus,
+    tokenizer: str | Tokenizer,
+    max_bytes: int | None,
+    validation_fraction: float,
+    test_fraction: float,
+) -> tuple[Corpus, Tokenizer, tuple[float, float]]:
+    """prepare's arguments opened and checked: the corpus, the tokenizer, the (validation, test) fractions."""
+    if not isinstance(corpus, Corpus):
+        corpus = open_corpus(corpus, max_bytes)
+    elif max_bytes is not None:
+        raise DataError("pass max_bytes to open_corpus when giving prepare a Corpus")
+    tokenizer = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    fractions = (float(validation_fraction), float(test_fraction))
+    if min(fractions) < 0 or sum(fractions) >= 1:
+        raise DataError(
+            f"validation_fraction={fractions[0]} and test_fraction={fractions[1]} must be >= 0, sum < 1"
+        )
+    return corpus, tokenizer, fractions
+
+
+def _manifest(
+    fingerprint: str,
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    fractions: tuple[float, float],
+    splits: dict,
+    content_hash: str,
+    skips: Skips,
+    seconds: float,
+    num_threads: int,
+) -> dict:
+    """The store's manifest: what it was built from, how it splits, what each split holds (splits: documents,
+    text bytes and tokens per split) and how fast it was built (seconds of tokenizing on num_threads)."""
+    text_bytes = sum(c["text_bytes"] for c in splits.values())
+    tokens = sum(c["tokens"] for c in splits.values())
+    return {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "corpus": corpus.describe(),
+        "content_hash": content_hash,
+        "tokenizer": {
+            "name": tokenizer.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+        },
+        "dtype": tokenizer.storage_dtype.name,
+        "eos": "after every document",
+        "split_rule": "blake2b-128 of the document's UTF-8 text; first 8 bytes / 2**64 vs the fractions",
+        "validation_fraction": fractions[0],
+        "test_fraction": fractions[1],
+        "splits": splits,
+        "skipped": skips.as_dict(),
+        "build": {
+            "seconds": round(seconds, 3),
+            "threads": num_threads,
+            "chinchax_version": chinchax.__version__,
+            "text_mb_per_s": round(text_bytes / seconds / 1e6, 3),
+            "tokens_per_s": round(tokens / seconds),
+        },
+    }
+
+
+def _move_into_place(partial: pathlib.Path, path: pathlib.Path, fingerprint: str) -> None:
+    """Renames the finished `partial` folder to `path`; where another process finished the same store first,
+    keeps that one and deletes `partial`."""
+    try:
+        os.rename(partial, path)
+    except OSError:
+        if not _reuse(path, fingerprint):
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _prepared_line(path: pathlib.Path, splits: dict, skips: Skips, seconds: float) -> str:
+    """One line on a store just built: text in, tokens per split out, the rates, what was skipped."""
+    text_bytes = sum(c["text_bytes"] for c in splits.values())
+    tokens = sum(c["tokens"] for c in splits.values())
+    counts = ", ".join(f"{s} {c['tokens']:,}" for s, c in splits.items())
+    return (
+        f"prepared {path}: {text_bytes / 1e6:.1f} MB of text -> tokens {counts} in {seconds:.1f} s "
+        f"({text_bytes / seconds / 1e6:.2f} MB/s, {tokens / seconds:,.0f} tokens/s); {skips.summary()}"
+    )

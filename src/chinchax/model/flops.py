@@ -26,7 +26,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from chinchax.config import SPARSITY_SCHEDULES, batch_phases, d_ffn, steps_for, train_tokens
+from chinchax.config import SPARSITY_SCHEDULES, batch_phases, d_ffn, steps_for, train_schedule
 
 _SEARCH_ITERATIONS = 100  # fixed-point iterations of `solve_steps` (converges in a handful)
 
@@ -191,7 +191,7 @@ def mean_density(cfg: ml_collections.ConfigDict, tokens: float) -> float:
 def spent_flops(cfg: ml_collections.ConfigDict) -> np.ndarray:
     """Training FLOPs cfg's run has spent before each step 0 … steps (steps + 1 values): each step's tokens at
     the FLOPs per token of its density."""
-    steps = steps_for(cfg, train_tokens(cfg, param_count(cfg.model)))
+    steps = train_schedule(cfg, param_count(cfg.model)).steps
     per_step = step_tokens(cfg, steps) * flops_per_token(
         cfg.model, cfg.data.seq_len, step_densities(cfg, steps)
     )
@@ -219,9 +219,9 @@ class Plan:
 def plan(cfg: ml_collections.ConfigDict) -> Plan:
     """Parameters, tokens, steps and FLOPs of a config (a sparse config's at each step's density)."""
     params = param_count(cfg.model)
-    tokens = train_tokens(cfg, params)
+    schedule = train_schedule(cfg, params)
+    tokens, steps = schedule.tokens, schedule.steps
     per_token = flops_per_token(cfg.model, cfg.data.seq_len)
-    steps = steps_for(cfg, tokens)
     density = mean_density(cfg, tokens)
     dense = float(tokens) * per_token
     pruned = 6 * matmul_params(cfg.model) * (1 - density) * float(np.sum(step_tokens(cfg, steps)))

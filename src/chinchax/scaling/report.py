@@ -137,29 +137,52 @@ def sparse(root: pathlib.Path, rows: list[dict], resamples: int = BOOTSTRAP) -> 
         seed=SEED,
     )
     law = law_fit.law
-    runs = []
-    for row in (r for r, s in zip(rows, is_sparse, strict=True) if s):
-        prunable = (row["params"] - row["n_avg"]) / (1.0 - row["average_density"])
-        sizes = {
-            "n_avg": row["n_avg"],
-            "n_final": row["params"] - (1.0 - row["final_density"]) * prunable,
-            "n_initial": row["params"],
-        }
-        twin = next((r for r in dense if r.get("twin_of") == row["point"]), None)
-        runs.append(
-            {
-                "point": row["point"],
-                "tokens": row["tokens"],
-                "loss": row["loss"],
-                **sizes,
-                **{f"predicted_{k}": float(law.loss(n, row["tokens"])) for k, n in sizes.items()},
-                "twin": twin and {"point": twin["point"], "params": twin["params"], "loss": twin["loss"]},
-            }
-        )
+    runs = [_sparse_prediction(row, dense, law) for row, s in zip(rows, is_sparse, strict=True) if s]
     rmse = {
         k: float(np.sqrt(np.mean([np.log(r[f"predicted_{k}"] / r["loss"]) ** 2 for r in runs])))
         for k in ("n_avg", "n_final", "n_initial")
     }
+    path = _plot_sparse(root, rows, is_sparse, runs, law)
+    summary = {
+        "law": {
+            **fit_io.constants(law),
+            "ci": {k: list(v) for k, v in law_fit.ci.items()},
+            "dense_points": len(dense),
+        },
+        "rmse_log_loss": rmse,
+        "best_size": min(rmse, key=rmse.get),
+        "runs": runs,
+        "plot": path,
+    }
+    atomic.write_json(root / "sparse.json", summary, indent=1)
+    return {**summary, "text": _sparse_text(law, summary)}
+
+
+def _sparse_prediction(row: dict, dense: list[dict], law: fit.ChinchillaLaw) -> dict:
+    """A sparse run's sizes (N_avg, final and initial parameters), the law's loss at each (nats/token) and its
+    dense twin (the dense row tagged `twin_of` it), beside its point, tokens and loss."""
+    prunable = (row["params"] - row["n_avg"]) / (1.0 - row["average_density"])
+    sizes = {
+        "n_avg": row["n_avg"],
+        "n_final": row["params"] - (1.0 - row["final_density"]) * prunable,
+        "n_initial": row["params"],
+    }
+    twin = next((r for r in dense if r.get("twin_of") == row["point"]), None)
+    return {
+        "point": row["point"],
+        "tokens": row["tokens"],
+        "loss": row["loss"],
+        **sizes,
+        **{f"predicted_{k}": float(law.loss(n, row["tokens"])) for k, n in sizes.items()},
+        "twin": twin and {"point": twin["point"], "params": twin["params"], "loss": twin["loss"]},
+    }
+
+
+def _plot_sparse(
+    root: pathlib.Path, rows: list[dict], is_sparse: np.ndarray, runs: list[dict], law: fit.ChinchillaLaw
+) -> str:
+    """root/sparse_law.png: every run on the law, sparse runs at N_avg, and the sparse runs again at their
+    final and initial N (their loss less the law's data term); returns its path."""
     both = fit_io.ScalingPoints(
         source=str(root / "results.csv"),
         flops=np.array([r["flops"] for r in rows], dtype=float),
@@ -180,26 +203,20 @@ def sparse(root: pathlib.Path, rows: list[dict], resamples: int = BOOTSTRAP) -> 
         )
         for key, label in (("n_final", "final"), ("n_initial", "initial"))
     }
-    path = plots.size_law(both, law, shifted, root / "sparse_law.png")
-    summary = {
-        "law": {
-            **fit_io.constants(law),
-            "ci": {k: list(v) for k, v in law_fit.ci.items()},
-            "dense_points": len(dense),
-        },
-        "rmse_log_loss": rmse,
-        "best_size": min(rmse, key=rmse.get),
-        "runs": runs,
-        "plot": path,
-    }
-    atomic.write_json(root / "sparse.json", summary, indent=1)
+    return plots.size_law(both, law, shifted, root / "sparse_law.png")
+
+
+def _sparse_text(law: fit.ChinchillaLaw, summary: dict) -> str:
+    """The sparse analysis for the terminal: the dense law, the RMSE of each size choice, each sparse run's
+    loss and prediction at N_avg beside its dense twin's, the plot's path."""
     lines = [
-        f"L(N, D) on {len(dense)} dense runs: E {law.E:.4g}, A {law.A:.4g}, B {law.B:.4g}, α {law.alpha:.3f}, β {law.beta:.3f}"
+        f"L(N, D) on {summary['law']['dense_points']} dense runs: E {law.E:.4g}, A {law.A:.4g}, B {law.B:.4g}, α {law.alpha:.3f}, β {law.beta:.3f}"
     ]
     lines.append(
-        "RMSE of log-loss predicting the sparse runs: " + ", ".join(f"{k} {v:.4f}" for k, v in rmse.items())
+        "RMSE of log-loss predicting the sparse runs: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in summary["rmse_log_loss"].items())
     )
-    for r in runs:
+    for r in summary["runs"]:
         twin = r["twin"]
         twin_text = (
             f"; dense twin {twin['point']} (N {twin['params']:,}) {twin['loss']:.4f}, Δ {r['loss'] - twin['loss']:+.4f}"
@@ -209,7 +226,7 @@ def sparse(root: pathlib.Path, rows: list[dict], resamples: int = BOOTSTRAP) -> 
         lines.append(
             f"  {r['point']}: loss {r['loss']:.4f}, N_avg {r['n_avg']:,.0f} → predicted {r['predicted_n_avg']:.4f}{twin_text}"
         )
-    return {**summary, "text": "\n".join(lines + [f"plot: {path}"])}
+    return "\n".join(lines + [f"plot: {summary['plot']}"])
 
 
 def lr_losses(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:

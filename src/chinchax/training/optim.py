@@ -17,19 +17,18 @@ import ml_collections
 import optax
 
 from chinchax import parametrization
-from chinchax.config import batch_phases, steps_for
+from chinchax.config import TrainSchedule
 from chinchax.training import sparsity
 
 
-def tokens_seen(cfg: ml_collections.ConfigDict):
-    """steps done → tokens seen, under the batch schedule (jnp-traceable)."""
-    phases = batch_phases(cfg)
+def tokens_seen(schedule: TrainSchedule):
+    """steps done → tokens seen, under the run's batch schedule (jnp-traceable)."""
 
     def tokens(count):
         count = jnp.asarray(count, jnp.float32)
         out = jnp.zeros_like(count)
-        for first_step, first_token, size in phases:
-            per_step = float(size * cfg.data.seq_len)  # floats: published token counts exceed int32
+        for first_step, first_token, size in schedule.phases:
+            per_step = float(size * schedule.seq_len)  # floats: published token counts exceed int32
             out = jnp.where(count >= first_step, float(first_token) + (count - first_step) * per_step, out)
         return out
 
@@ -50,23 +49,27 @@ def token_schedule(cfg: ml_collections.ConfigDict, total_tokens: int) -> optax.S
     return optax.join_schedules([optax.linear_schedule(0.0, t.peak_lr, warmup), decay], [warmup])
 
 
-def learning_rate(cfg: ml_collections.ConfigDict, total_tokens: int) -> optax.Schedule:
-    """0-based step → learning rate: the token schedule at the tokens seen once the step is done."""
-    by_tokens, tokens = token_schedule(cfg, total_tokens), tokens_seen(cfg)
-    return lambda step: by_tokens(jnp.minimum(tokens(step + 1), float(total_tokens)))
+def learning_rate(cfg: ml_collections.ConfigDict, schedule: TrainSchedule) -> optax.Schedule:
+    """0-based step → learning rate: the token schedule over the run's tokens, at the tokens seen once the step
+    is done."""
+    by_tokens, tokens = token_schedule(cfg, schedule.tokens), tokens_seen(schedule)
+    return lambda step: by_tokens(jnp.minimum(tokens(step + 1), float(schedule.tokens)))
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, params, total_tokens: int) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, params, schedule: TrainSchedule
+) -> optax.GradientTransformation:
     """clip → Adam → decoupled weight decay → −schedule → per-role LR multipliers (μP: hidden 1/m); with
-    sparsity.target > 0, wrapped by the pruner (chinchax.training.sparsity), else exactly this chain."""
+    sparsity.target > 0, wrapped by the pruner (chinchax.training.sparsity) over the run's steps, else exactly
+    this chain."""
     t = cfg.train
     dense = optax.chain(
         optax.clip_by_global_norm(t.grad_clip_norm) if t.grad_clip_norm > 0 else optax.identity(),
         optax.scale_by_adam(b1=t.adam_b1, b2=t.adam_b2, eps=t.adam_eps),
         optax.add_decayed_weights(t.weight_decay, parametrization.weight_decay_mask(cfg.model, params)),
-        optax.scale_by_learning_rate(learning_rate(cfg, total_tokens)),
+        optax.scale_by_learning_rate(learning_rate(cfg, schedule)),
         parametrization.lr_multipliers(cfg.model, params),
     )
     if cfg.sparsity.target == 0:
         return dense
-    return sparsity.prune(dense, sparsity.schedule_for(cfg.sparsity, steps_for(cfg, total_tokens)))
+    return sparsity.prune(dense, sparsity.schedule_for(cfg.sparsity, schedule.steps))

@@ -9,6 +9,7 @@ training, evaluations, checkpoints).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -27,15 +28,15 @@ import numpy as np
 import optax
 
 from chinchax import data
-from chinchax.config import batch_size_at, final_eval_splits, flatten, microbatch_size, tokens_before
+from chinchax.config import TrainSchedule, final_eval_splits, flatten
 from chinchax.model import flops, gpt
 from chinchax.model import loss as loss_lib
 from chinchax.parallel import hardware, memory_plan, mesh
 from chinchax.training import checkpoint, optim, sparsity
 from chinchax.training.metrics import RunLog
-from chinchax.training.state import TrainState, init_state, optimizer, total_tokens
+from chinchax.training.state import TrainState, init_state, optimizer, run_schedule
 
-__all__ = ["TrainState", "init_state", "make_train_step", "train"]
+__all__ = ["TrainState", "init_state", "make_train_step", "run_schedule", "train"]
 
 
 class TrainingError(RuntimeError):
@@ -51,10 +52,10 @@ def loss_fn(cfg: ml_collections.ConfigDict):
     return loss_lib.summed_cross_entropy(cfg.model)
 
 
-def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
+def make_train_step(cfg: ml_collections.ConfigDict, schedule: TrainSchedule | None = None):
     """step(state, batch) → (state, metrics); batch arrays are (microbatches, sequences, seq_len).
 
-    tokens: the run's training tokens (the schedule's span) when the caller has planned them already.
+    schedule: the run's tokens, steps and batches (`state.run_schedule`) when the caller has derived them.
 
     Gradients are averaged over the step's real tokens (padding rows excluded) with a scan over microbatches
     (one compiled body; no scan for a single microbatch; with several, each data-parallel replica sums its
@@ -64,9 +65,9 @@ def make_train_step(cfg: ml_collections.ConfigDict, tokens: int | None = None):
     weights once the step is done.
     """
     loss = loss_fn(cfg)
-    tokens = tokens or total_tokens(cfg)
-    opt = optimizer(cfg, gpt.param_shapes(cfg.model), tokens)
-    lr = optim.learning_rate(cfg, tokens)
+    schedule = schedule or run_schedule(cfg)
+    opt = optimizer(cfg, gpt.param_shapes(cfg.model), schedule)
+    lr = optim.learning_rate(cfg, schedule)
 
     def mean_share(params, microbatch, tokens_in_step):
         """A microbatch's summed loss as its share of the step's mean over real tokens."""
@@ -120,10 +121,10 @@ def make_eval_step(cfg: ml_collections.ConfigDict, devices):
     return eval_step
 
 
-def evaluate(cfg, eval_step, devices, params, store: pathlib.Path, split: str) -> float:
-    """Mean loss over the first train.eval_batches batches of a split (in order, the same every time)."""
-    micro = microbatch_size(cfg.train)
-    loader = data.make_loader(
+def _loader(cfg: ml_collections.ConfigDict, store: pathlib.Path, split: str, micro: int, **options):
+    """This process's share of a split's sequences, a microbatch of `micro` sequences (all processes together)
+    at a time; options: data.make_loader's (num_epochs, shuffle)."""
+    return data.make_loader(
         store,
         split,
         cfg.data.seq_len,
@@ -131,12 +132,22 @@ def evaluate(cfg, eval_step, devices, params, store: pathlib.Path, split: str) -
         cfg.train.seed,
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
-        num_epochs=1,
-        shuffle=False,
+        **options,
     )
-    batches = zip(range(cfg.train.eval_batches), loader, strict=False)
-    losses = [float(eval_step(params, _global_batch(devices, [b], micro))) for _, b in batches]
-    return float(np.mean(losses))
+
+
+def make_evaluate(cfg: ml_collections.ConfigDict, devices, store: pathlib.Path, micro: int):
+    """(params, split) → mean loss over the split's first train.eval_batches batches of `micro` sequences (in
+    order, the same every time)."""
+    eval_step = make_eval_step(cfg, devices)
+
+    def evaluate(params, split: str) -> float:
+        loader = _loader(cfg, store, split, micro, num_epochs=1, shuffle=False)
+        batches = zip(range(cfg.train.eval_batches), loader, strict=False)
+        losses = [float(eval_step(params, _global_batch(devices, [b], micro))) for _, b in batches]
+        return float(np.mean(losses))
+
+    return evaluate
 
 
 def enable_compilation_cache() -> None:
@@ -170,12 +181,17 @@ def _timed(seconds: dict, key: str):
 
 
 class StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+    """Within `with`, SIGTERM / SIGINT set a flag the loop checks after each step; the handlers before are put
+    back on leaving (a launcher later in the same process must see Ctrl-C again)."""
 
-    def __init__(self):
+    def __enter__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.requested = True
@@ -192,6 +208,39 @@ def _same_run(workdir: pathlib.Path, cfg: ml_collections.ConfigDict) -> None:
         raise TrainingError(f"{workdir} holds a run with a different config (differs in {', '.join(diff)})")
 
 
+@dataclasses.dataclass
+class _Progress:
+    """What the loop has counted: tokens seen; the summed mean loss (nats/token) and steps of the current logging
+    window and the last window's mean; the tokens and seconds of the timed steps (not a process's first step,
+    which compiles); and where the rest of the wall time went (seconds by phase)."""
+
+    tokens: int
+    window_loss: float = 0.0
+    window_steps: int = 0
+    last_loss: float | None = None
+    timed_tokens: int = 0
+    timed_seconds: float = 0.0
+    spent: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(("startup", "first_step", "eval", "checkpoint"), 0.0)
+    )
+
+    def add(self, loss: float, tokens: int) -> None:
+        """A step done: its mean loss and its tokens."""
+        self.tokens += tokens
+        self.window_loss += loss
+        self.window_steps += 1
+
+    def end_window(self) -> float:
+        """The logging window's mean loss, kept as the last one; the next window starts empty."""
+        self.last_loss = self.window_loss / self.window_steps
+        self.window_loss, self.window_steps = 0.0, 0
+        return self.last_loss
+
+    def rate(self) -> float:
+        """Tokens per second over the timed steps (nan before any)."""
+        return self.timed_tokens / self.timed_seconds if self.timed_seconds else float("nan")
+
+
 def train(
     cfg: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -204,7 +253,6 @@ def train(
     summary's wall_seconds and startup_seconds count the imports too; default: this call.
     """
     wall_start = time.perf_counter() if started is None else started
-    spent = dict.fromkeys(("startup", "first_step", "eval", "checkpoint"), 0.0)
     workdir = pathlib.Path(workdir)
     devices = mesh.make_mesh(cfg.mesh)
     requested, (cfg, choice) = cfg, fit_to_devices(cfg, devices)
@@ -213,125 +261,156 @@ def train(
         print(f"{workdir} holds a finished run; its summary:", file=sys.stderr)
         return json.loads((workdir / "summary.json").read_text())
     store = data.resolve_store(cfg.data.dataset, cfg.data.tokenizer, progress=show_progress)
-    plan = flops.plan(cfg)
+    plan, schedule = flops.plan(cfg), run_schedule(cfg)
     checkpoint.write_config(workdir, requested)
-    micro = microbatch_size(cfg.train)
-    loader = data.make_loader(
-        store,
-        "train",
-        cfg.data.seq_len,
-        micro // jax.process_count(),
-        cfg.train.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
+    loader = _loader(cfg, store, "train", schedule.microbatch)
+    step_fn, mngr, state, resumed = _start(cfg, devices, schedule, loader, workdir)
+    start = int(state.step)
+    evaluate = make_evaluate(cfg, devices, store, schedule.microbatch)
+    peak, peak_source = hardware.peak_flops_per_device(cfg.train.peak_flops_per_device)
+    peak *= jax.device_count()
+    log = RunLog(workdir, schedule.steps, start, show_progress)
+    log.note(f"step: {choice.reason}")
+    if resumed:
+        log.note(f"resumed from step {start} in {workdir}")
+    progress = _Progress(tokens=schedule.tokens_before(start))
+    last_saved = start if resumed else None
+    timer_start = time.perf_counter()
+    progress.spent["startup"] = timer_start - wall_start
+
+    with StopRequest() as stop:
+        for step in range(start, schedule.steps):
+            local = [next(loader) for _ in range(schedule.microbatches_at(step))]
+            state, metrics = step_fn(state, _global_batch(devices, local, schedule.microbatch))
+            metrics = jax.device_get(metrics)
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                _close(mngr, log)
+                raise Diverged(
+                    f"loss {metrics['loss']} / grad norm {metrics['grad_norm']} at step {step + 1}: training "
+                    f"diverged; the last good checkpoint is step {last_saved} in {workdir / 'checkpoints'}"
+                )
+            step_tokens = schedule.batch_size_at(step) * cfg.data.seq_len
+            progress.add(float(metrics["loss"]), step_tokens)
+            if step > start:  # the first step of a process includes compilation
+                progress.timed_tokens += step_tokens
+                progress.timed_seconds += time.perf_counter() - timer_start
+            else:
+                progress.spent["first_step"] = time.perf_counter() - timer_start
+            log.advance()
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == schedule.steps:
+                record = _record(cfg, plan, metrics, done, progress.end_window(), progress, peak)
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < schedule.steps:
+                    with _timed(progress.spent, "eval"):
+                        record["eval_loss"] = evaluate(state.params, "validation")
+                log.record(record)
+            if done % cfg.train.checkpoint_every == 0 or done == schedule.steps or stop.requested:
+                with _timed(progress.spent, "checkpoint"):
+                    checkpoint.save(mngr, done, state, loader)
+                last_saved = done
+            if stop.requested and done < schedule.steps:
+                _close(mngr, log)
+                print(
+                    f"stopped at step {done}; checkpoint saved. {resume_hint(sys.argv, workdir)}",
+                    file=sys.stderr,
+                )
+                return None
+            timer_start = time.perf_counter()  # evaluation and checkpoint starts are not training time
+
+    with _timed(progress.spent, "checkpoint"):
+        mngr.wait_until_finished()
+        mngr.close()
+    # only the splits asked for; a split not evaluated is null in the summary
+    with _timed(progress.spent, "eval"):
+        final = {split: evaluate(state.params, split) for split in final_eval_splits(cfg.train)}
+    if final:
+        log.note("final " + ", ".join(f"{split} loss {loss:.4f}" for split, loss in final.items()))
+    summary = _summary(cfg, plan, choice, progress, final, store, wall_start, peak, peak_source)
+    log.write_summary(summary)
+    log.close()
+    return summary
+
+
+def _start(cfg: ml_collections.ConfigDict, devices, schedule: TrainSchedule, loader, workdir: pathlib.Path):
+    """(the jitted step, the checkpoint manager, the state to start from, whether it was restored): the newest
+    readable checkpoint's state (the loader's position restored with it), else a fresh step 0's."""
     rng = jax.random.key(cfg.train.seed)
-    init = functools.partial(init_state, tokens=plan.tokens)
+    init = functools.partial(init_state, schedule=schedule)
     target = mesh.sharded_shapes(cfg, devices, jax.eval_shape(lambda: init(cfg, rng)))
-    step_fn = mesh.jit_train_step(cfg, devices, make_train_step(cfg, plan.tokens), target)
+    step_fn = mesh.jit_train_step(cfg, devices, make_train_step(cfg, schedule), target)
     mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
     found = checkpoint.restore_latest(mngr, target, loader, set_aside=True)
     state = found[1] if found else mesh.init_sharded_state(cfg, devices, init, rng, target)
-    start = int(state.step)
-    eval_step = make_eval_step(cfg, devices)
-    peak, peak_source = hardware.peak_flops_per_device(cfg.train.peak_flops_per_device)
-    peak *= jax.device_count()
-    log = RunLog(workdir, plan.steps, start, show_progress)
-    log.note(f"step: {choice.reason}")
-    if found:
-        log.note(f"resumed from step {start} in {workdir}")
-    stop = StopRequest()
-    tokens = tokens_before(cfg, start)
-    window_loss, window_steps, window_tokens = 0.0, 0, 0
-    timer_start, timed_tokens, timed_seconds = time.perf_counter(), 0, 0.0
-    last_saved, final_train_loss = (start if found else None), None
-    spent["startup"] = timer_start - wall_start
+    return step_fn, mngr, state, bool(found)
 
-    for step in range(start, plan.steps):
-        sequences = batch_size_at(cfg, step)
-        batch = _global_batch(devices, [next(loader) for _ in range(sequences // micro)], micro)
-        state, metrics = step_fn(state, batch)
-        metrics = jax.device_get(metrics)
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-            mngr.wait_until_finished()
-            mngr.close()
-            log.close()
-            raise Diverged(
-                f"loss {metrics['loss']} / grad norm {metrics['grad_norm']} at step {step + 1}: training "
-                f"diverged; the last good checkpoint is step {last_saved} in {workdir / 'checkpoints'}"
-            )
-        step_tokens = sequences * cfg.data.seq_len
-        tokens += step_tokens
-        window_loss, window_steps, window_tokens = (
-            window_loss + float(metrics["loss"]),
-            window_steps + 1,
-            window_tokens + step_tokens,
-        )
-        if step > start:  # the first step of a process includes compilation
-            timed_tokens += step_tokens
-            timed_seconds += time.perf_counter() - timer_start
-        else:
-            spent["first_step"] = time.perf_counter() - timer_start
-        log.advance()
-        done = step + 1
-        if done % cfg.train.log_every == 0 or done == plan.steps:
-            record = {
-                "step": done,
-                "tokens": tokens,
-                "loss": window_loss / window_steps,
-                "lr": float(metrics["lr"]),
-                "grad_norm": float(metrics["grad_norm"]),
-            }
-            per_token = plan.flops_per_token
-            if "density" in metrics:  # sparse: the block matmuls at the running density
-                record["density"] = float(metrics["density"])
-                per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len, record["density"])
-            if timed_seconds > 0:
-                rate = timed_tokens / timed_seconds
-                record.update(tokens_per_second=rate, mfu=rate * per_token / peak)
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < plan.steps:
-                with _timed(spent, "eval"):
-                    record["eval_loss"] = evaluate(cfg, eval_step, devices, state.params, store, "validation")
-            log.record(record)
-            final_train_loss = record["loss"]
-            window_loss, window_steps, window_tokens = 0.0, 0, 0
-        if done % cfg.train.checkpoint_every == 0 or done == plan.steps or stop.requested:
-            with _timed(spent, "checkpoint"):
-                checkpoint.save(mngr, done, state, loader)
-            last_saved = done
-        if stop.requested and done < plan.steps:
-            mngr.wait_until_finished()
-            mngr.close()
-            log.close()
-            print(
-                f"stopped at step {done}; checkpoint saved. {resume_hint(sys.argv, workdir)}", file=sys.stderr
-            )
-            return None
-        timer_start = time.perf_counter()  # evaluation and checkpoint starts are not training time
 
-    with _timed(spent, "checkpoint"):
-        mngr.wait_until_finished()
-        mngr.close()
-    with _timed(spent, "eval"):  # only the splits asked for; a split not evaluated is null in the summary
-        final = {
-            s: evaluate(cfg, eval_step, devices, state.params, store, s) for s in final_eval_splits(cfg.train)
-        }
-    if final:
-        log.note("final " + ", ".join(f"{split} loss {loss:.4f}" for split, loss in final.items()))
-    rate = timed_tokens / timed_seconds if timed_seconds else float("nan")
-    sparse = {}
-    if cfg.sparsity.target > 0:  # N_avg counts the dense parameters as they are
-        schedule = sparsity.schedule_for(cfg.sparsity, plan.steps)
-        sparse = {
-            "train_flops_dense": plan.train_flops_dense,
-            "final_density": schedule.density_at(plan.steps),
-            "average_density": flops.average_density(schedule, plan.steps),
-            "n_avg": sparsity.average_nonzero_params(cfg.model, schedule, plan.steps),
-            "pruning_steps": list(schedule.steps),
-        }
-    summary = {
+def _close(mngr, log: RunLog) -> None:
+    """A run that ends early: pending checkpoint writes finished, the manager and the log closed."""
+    mngr.wait_until_finished()
+    mngr.close()
+    log.close()
+
+
+def _record(
+    cfg: ml_collections.ConfigDict,
+    plan: flops.Plan,
+    metrics: dict,
+    done: int,
+    loss: float,
+    progress: _Progress,
+    peak: float,
+) -> dict:
+    """The metrics.jsonl record after `done` steps: tokens seen, the window's mean loss, the step's learning
+    rate and gradient norm, a sparse run's density, and once steps are timed tokens/s and the MFU at the
+    step's FLOPs per token (peak: FLOP/s of all devices)."""
+    record = {
+        "step": done,
+        "tokens": progress.tokens,
+        "loss": loss,
+        "lr": float(metrics["lr"]),
+        "grad_norm": float(metrics["grad_norm"]),
+    }
+    per_token = plan.flops_per_token
+    if "density" in metrics:  # sparse: the block matmuls at the running density
+        record["density"] = float(metrics["density"])
+        per_token = flops.flops_per_token(cfg.model, cfg.data.seq_len, record["density"])
+    if progress.timed_seconds > 0:
+        rate = progress.rate()
+        record.update(tokens_per_second=rate, mfu=rate * per_token / peak)
+    return record
+
+
+def _sparse_summary(cfg: ml_collections.ConfigDict, plan: flops.Plan) -> dict:
+    """A sparse run's summary fields (N_avg counts the dense parameters as they are); {} for a dense run."""
+    if cfg.sparsity.target == 0:
+        return {}
+    pruning = sparsity.schedule_for(cfg.sparsity, plan.steps)
+    return {
+        "train_flops_dense": plan.train_flops_dense,
+        "final_density": pruning.density_at(plan.steps),
+        "average_density": flops.average_density(pruning, plan.steps),
+        "n_avg": sparsity.average_nonzero_params(cfg.model, pruning, plan.steps),
+        "pruning_steps": list(pruning.steps),
+    }
+
+
+def _summary(
+    cfg: ml_collections.ConfigDict,
+    plan: flops.Plan,
+    choice: memory_plan.Choice,
+    progress: _Progress,
+    final: dict[str, float],
+    store: pathlib.Path,
+    wall_start: float,
+    peak: float,
+    peak_source: str,
+) -> dict:
+    """summary.json: the final losses (final: by split), the plan's counts, the tokens seen, where the wall time
+    went, throughput and MFU (peak: FLOP/s of all devices), and the step's microbatches and remat."""
+    rate = progress.rate()
+    return {
         "name": cfg.name,
-        "final_train_loss": final_train_loss,
+        "final_train_loss": progress.last_loss,
         "final_eval_loss": final.get("validation"),
         "final_test_loss": final.get("test"),
         "validation_unigram_entropy": (
@@ -339,14 +418,14 @@ def train(
         ),
         "params": plan.params,
         "non_embedding_params": plan.non_embedding_params,
-        "tokens": tokens,
+        "tokens": progress.tokens,
         "steps": plan.steps,
         "train_flops": plan.train_flops,  # spent: a sparse run's block matmuls at each step's density
         "flops_per_token": plan.flops_per_token,
-        **sparse,
+        **_sparse_summary(cfg, plan),
         "wall_seconds": time.perf_counter() - wall_start,
-        "train_seconds": timed_seconds,
-        **{f"{key}_seconds": seconds for key, seconds in spent.items()},
+        "train_seconds": progress.timed_seconds,
+        **{f"{key}_seconds": seconds for key, seconds in progress.spent.items()},
         "tokens_per_second": rate,
         "mfu": rate * plan.train_flops / plan.tokens / peak,
         "peak_flops": peak,
@@ -355,9 +434,6 @@ def train(
         "microbatches": choice.microbatches,
         "remat": choice.remat,
     }
-    log.write_summary(summary)
-    log.close()
-    return summary
 
 
 def resume_hint(argv: list[str], workdir: pathlib.Path) -> str:
