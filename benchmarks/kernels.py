@@ -1,14 +1,15 @@
 """Kernel benchmark: flash attention forward+backward against jax.nn.dot_product_attention (xla, cudnn).
 
     python -m benchmarks.kernels [--seq_lens 512,1024,2048,4096,8192] [--head_dims 64,80,128]
-                                 [--tokens 16384] [--heads 16] [--out runs/bench_kernels]
+                                 [--tokens 16384] [--heads 16] [--out runs/bench_kernels] [--cpu_cases 3]
 
 On a GPU (or TPU) it checks the kernel against XLA once, then times causal bf16 forward+backward per
 (sequence length, head dim) at a fixed token count per step (batch = tokens / seq_len), and reports TFLOP/s and
 the fraction of the device's dense bf16 peak; it prints a table and writes kernels.json and kernels.png to --out.
 FLOPs follow the FlashAttention convention: forward 4·B·H·S²·D halved for causal masking, backward 2.5× forward.
 
-On CPU there is nothing to time: it only checks correctness in Pallas interpret mode, and says so.
+On CPU there is nothing to time: it only checks correctness in Pallas interpret mode (the first --cpu_cases of its
+three attention cases, then the fused loss), and says so.
 
 A kernel that fails (raises, or disagrees with its reference beyond tolerance) ends the benchmark with exit
 status 1 and one line on stderr naming the kernel and the shape; no row is quietly left out. An implementation
@@ -227,12 +228,13 @@ def cross_entropy_errors(tokens, vocab, d) -> list[float]:
     return [relative_error(a, b) for a, b in zip(ours, expected, strict=True)]
 
 
-def check_correctness_in_interpret_mode() -> None:
+def check_correctness_in_interpret_mode(attention_cases: int = 3) -> None:
     """Small fp32 shapes, forward and gradients against the plain-jnp reference, Pallas interpreted; a kernel that
-    raises or misses FP32_TOLERANCE ends the run (KernelFailure: exit 1, one line naming it and the shape)."""
+    raises or misses FP32_TOLERANCE ends the run (KernelFailure: exit 1, one line naming it and the shape). Checks
+    the first `attention_cases` attention cases."""
     print("No GPU/TPU: checking correctness only, Pallas in interpret mode on CPU (no timings).")
     cases = [(40, 64, True, None), (33, 80, False, None), (50, 128, True, 1 / 128)]
-    for seq, head_dim, causal, scale in tqdm(cases, desc="attention (interpret)"):
+    for seq, head_dim, causal, scale in tqdm(cases[:attention_cases], desc="attention (interpret)"):
         shape = f"batch 1, seq {seq}, heads 2, head_dim {head_dim}, causal={causal}, scale={scale} (fp32)"
         try:
             errors = attention_errors(seq, head_dim, causal, scale)
@@ -269,10 +271,13 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per point (median)")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/bench_kernels"))
+    parser.add_argument("--cpu_cases", type=int, default=3, help="on CPU: attention cases to check (0-3)")
     args = parser.parse_args(argv)
     for name in ("seq_lens", "head_dims"):
         if min(getattr(args, name)) < 1:
             parser.error(f"--{name} must be positive")
+    if not 0 <= args.cpu_cases <= 3:
+        parser.error("--cpu_cases must be 0 to 3")
     return args
 
 
@@ -280,7 +285,7 @@ def main(argv=None):
     args = parse_args(argv)
     backend = jax.default_backend()
     if backend not in ("gpu", "tpu"):
-        check_correctness_in_interpret_mode()
+        check_correctness_in_interpret_mode(args.cpu_cases)
         return
     rows = benchmark(args, backend)
     write_results(rows, args.out, jax.devices()[0].device_kind)

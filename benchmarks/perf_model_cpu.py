@@ -1,19 +1,20 @@
 """The CPU performance model against measured train steps: predicted and measured step time per shape.
 
-    python -m benchmarks.perf_model_cpu [--shapes=a,b,...] [--steps=7] [--rounds=3]
+    python -m benchmarks.perf_model_cpu [--shapes=a,b,...] [--steps=7] [--rounds=3] [--bandwidth_mib=256]
+                                        [--peak_size=2048]
 
-A round measures this machine's fp32 matmul peak and its memory bandwidth into fresh and into reused buffers
-(chinchax.parallel.hardware), then for each shape compiles the train step as the trainer does (one device, the
-step jitted with its shardings and the state donated; batch 16, fp32, layers unrolled; run, like
-experiments.run, under chinchax.malloc's kept-memory allocator), predicts its time from the compiled HLO with
-chinchax.parallel.perf_model's kernel-by-kernel roofline (`predict_kernels`: per kernel max(its matmuls' time,
-bytes / bandwidth), a loop body's later iterations at the reused-buffer bandwidth; each distinct matmul of the
-HLO, by operand dims and dimension numbers, timed once by itself with hardware.measure_dot_seconds), and times
-the step: the median of --steps timed steps after two warm-up steps. The shapes vary width (64–256), depth
-(1–6), vocabulary (257 bytes vs 50,304 GPT-2 ids), microbatches (1, 2), sequence length (128, 256) and attention
-('xla': whole score matrix; 'auto': blockwise on CPU). Each round runs in a fresh process, since on a shared
-machine a process's figures drift together by ±15% (bandwidth, matmuls and steps alike), and the figures that
-count are the medians over rounds of the predicted and of the measured seconds.
+A round measures this machine's fp32 matmul peak (on a --peak_size square) and its memory bandwidth into fresh and
+into reused buffers (over a --bandwidth_mib buffer; chinchax.parallel.hardware), then for each shape compiles the
+train step as the trainer does (one device, the step jitted with its shardings and the state donated; batch 16,
+fp32, layers unrolled; run, like experiments.run, under chinchax.malloc's kept-memory allocator), predicts its time
+from the compiled HLO with chinchax.parallel.perf_model's kernel-by-kernel roofline (`predict_kernels`: per kernel
+max(its matmuls' time, bytes / bandwidth), a loop body's later iterations at the reused-buffer bandwidth; each
+distinct matmul of the HLO, by operand dims and dimension numbers, timed once by itself with
+hardware.measure_dot_seconds), and times the step: the median of --steps timed steps after two warm-up steps. The
+shapes vary width (64–256), depth (1–6), vocabulary (257 bytes vs 50,304 GPT-2 ids), microbatches (1, 2), sequence
+length (128, 256) and attention ('xla': whole score matrix; 'auto': blockwise on CPU). Each round runs in a fresh
+process, since on a shared machine a process's figures drift together by ±15% (bandwidth, matmuls and steps alike),
+and the figures that count are the medians over rounds of the predicted and of the measured seconds.
 
 Each round prints its table: the predicted and measured seconds, the error (predicted / measured − 1), what
 bounds the prediction and its two terms; then the table of medians with each round's error, and the median
@@ -64,6 +65,12 @@ _STEPS = flags.DEFINE_integer("steps", 7, "Timed steps per shape (the median cou
 _ROUNDS = flags.DEFINE_integer(
     "rounds", 3, "Rounds, each in a fresh process (the median of their figures counts)."
 )
+_BANDWIDTH_MIB = flags.DEFINE_integer(
+    "bandwidth_mib", 256, "Memory-bandwidth buffer, MiB (default: far above CPU caches).", lower_bound=1
+)
+_PEAK_SIZE = flags.DEFINE_integer(
+    "peak_size", 2048, "Side of the square matmul the peak is measured on.", lower_bound=1
+)
 
 
 def shape_config(d_model, n_layers, n_heads, tokenizer, microbatches, seq_len, attention):
@@ -88,14 +95,14 @@ def shape_config(d_model, n_layers, n_heads, tokenizer, microbatches, seq_len, a
 def compiled_step(cfg):
     """(the compiled train step, its initial state, a batch of random tokens), built as the trainer builds them."""
     mesh = mesh_lib.make_mesh(cfg.mesh)
-    tokens = flops.plan(cfg).tokens
+    schedule = train.run_schedule(cfg)
 
     def init(c, rng):
-        return train.init_state(c, rng, tokens=tokens)
+        return train.init_state(c, rng, schedule)
 
     rng = jax.random.key(0)
     target = mesh_lib.sharded_shapes(cfg, mesh, jax.eval_shape(lambda: init(cfg, rng)))
-    step = mesh_lib.jit_train_step(cfg, mesh, train.make_train_step(cfg, tokens), target)
+    step = mesh_lib.jit_train_step(cfg, mesh, train.make_train_step(cfg, schedule), target)
     state = mesh_lib.init_sharded_state(cfg, mesh, init, rng, target)
     microbatches = cfg.train.microbatches
     ids = np.random.default_rng(0).integers(
@@ -106,11 +113,13 @@ def compiled_step(cfg):
     return step.lower(state, batch).compile(), state, batch
 
 
-def one_round(shapes, steps):
+def one_round(shapes, steps, bandwidth_mib, peak_size):
     """Measure this machine, then predict and time each shape, printing a row as each is done: the round's
     figures, the module docstring's JSON object but for the median error and the rounds."""
-    peak = hardware.measure_matmul_peak()
-    fresh, reused = hardware.measure_memory_bandwidth(), hardware.measure_memory_bandwidth(reuse=True)
+    peak = hardware.measure_matmul_peak(peak_size)
+    elements = bandwidth_mib * 2**20 // 4
+    fresh = hardware.measure_memory_bandwidth(elements)
+    reused = hardware.measure_memory_bandwidth(elements, reuse=True)
     dot_seconds = perf_model.dot_timer()  # one timer for every shape: each distinct matmul timed once
     print(
         f"{jax.devices()[0].device_kind}: fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, memory bandwidth "
@@ -186,10 +195,14 @@ def label(name):
     return f"{name}: d{d} L{layers} h{heads} V{VOCAB[tokenizer]} mb{microbatches} S{seq} {attention}"
 
 
-def rounds_in_fresh_processes(shapes, steps, rounds):
+def rounds_in_fresh_processes(shapes, steps, rounds, bandwidth_mib, peak_size):
     """Each round's JSON object, every round run by a fresh process of this module (its table passed through)."""
     command = [sys.executable, "-m", "benchmarks.perf_model_cpu", "--rounds=1", f"--steps={steps}"]
-    command += [f"--shapes={','.join(shapes)}"]
+    command += [
+        f"--shapes={','.join(shapes)}",
+        f"--bandwidth_mib={bandwidth_mib}",
+        f"--peak_size={peak_size}",
+    ]
     results = []
     for number in range(rounds):
         print(f"round {number + 1} of {rounds}, in a fresh process:", flush=True)
@@ -231,9 +244,11 @@ def main(argv):
     del argv
     timing.check_shapes(_SHAPES.value, SHAPES)
     if _ROUNDS.value == 1:
-        summary = one_round(_SHAPES.value, _STEPS.value)
+        summary = one_round(_SHAPES.value, _STEPS.value, _BANDWIDTH_MIB.value, _PEAK_SIZE.value)
     else:
-        rounds = rounds_in_fresh_processes(_SHAPES.value, _STEPS.value, _ROUNDS.value)
+        rounds = rounds_in_fresh_processes(
+            _SHAPES.value, _STEPS.value, _ROUNDS.value, _BANDWIDTH_MIB.value, _PEAK_SIZE.value
+        )
         summary = medians(rounds) | {"rounds": rounds}
     errors = [abs(r["error"]) for r in summary["shapes"].values()]
     summary["median_abs_error"] = round(statistics.median(errors), 4)

@@ -88,12 +88,12 @@ def main(argv):
         f"median of {_REPEATS.value} interleaved runs"
     )
     print(
-        f"{'path':<40}{'threads':>8}{'MB/s':>8}{'range':>13}{'x 1 thread':>12}{'our cores':>11}{'others':>8}"
+        f"{'path':<40}{'threads':>8}{'MB/s':>10}{'range':>16}{'x 1 thread':>12}{'our cores':>11}{'others':>8}"
     )
     for row in table:
         low, high = row["mb_per_s_range"]
         print(
-            f"{row['path']:<40}{row['threads']:>8}{row['mb_per_s']:>8.2f}{f'{low:.1f}-{high:.1f}':>13}"
+            f"{row['path']:<40}{row['threads']:>8}{row['mb_per_s']:>10.2f}{f'{low:.1f}-{high:.1f}':>16}"
             f"{row['to_1_thread']:>12.2f}{row['cores']:>11.2f}{row['other_cores']:>8.2f}"
         )
     print(

@@ -1,14 +1,15 @@
 """Train-step throughput: our jit'd step against Hugging Face's PyTorch GPT2LMHeadModel + AdamW, one run.
 
-    python -m benchmarks.train_throughput [--shapes=a,b,c] [--steps=10]
+    python -m benchmarks.train_throughput [--shapes=a,b,c] [--steps=10] [--seq_len=256] [--batch_size=16]
+                                          [--n_layers=N] [--peak_size=2048]
 
-Shapes (seq 256, batch 16, fp32): a = d128 L4 h4 vocab 50304, b = d256 L6 h8 vocab 50304, c = d256 L6 h8 vocab
-257 (the CPU configs' byte regime). For each shape both frameworks train the same model (exact GELU, tied head)
-on the same random tokens, back to back; the table gives the median step time over --steps timed steps after
-warm-up, tokens/s, the ratio, and MFU against the fp32 matmul peak JAX measures in this same run (before and after
-the shapes; the higher counts), with chinchax.model.flops' detailed count for both. Last on stdout, one JSON
-object: {"peak_gflops": P, "shapes": {"a": {"ours_tokens_per_s", "peer_tokens_per_s", "ratio", "ours_mfu",
-"peer_mfu"}, …}}.
+Shapes (seq 256, batch 16 by default, fp32): a = d128 L4 h4 vocab 50304, b = d256 L6 h8 vocab 50304, c = d256 L6
+h8 vocab 257 (the CPU configs' byte regime); --n_layers sets every shape's depth (for a tiny run). For each shape
+both frameworks train the same model (exact GELU, tied head) on the same random tokens, back to back; the table
+gives the median step time over --steps timed steps after warm-up, tokens/s, the ratio, and MFU against the fp32
+matmul peak JAX measures in this same run (on a --peak_size square, before and after the shapes; the higher
+counts), with chinchax.model.flops' detailed count for both. Last on stdout, one JSON object: {"peak_gflops": P,
+"shapes": {"a": {"ours_tokens_per_s", "peer_tokens_per_s", "ratio", "ours_mfu", "peer_mfu"}, …}}.
 """
 
 from chinchax import malloc
@@ -29,7 +30,6 @@ from chinchax.model import flops
 from chinchax.parallel import hardware
 from chinchax.training import train
 
-SEQ, BATCH = 256, 16
 SHAPES = {  # name: (d_model, n_layers, n_heads, vocab)
     "a": (128, 4, 4, 50304),
     "b": (256, 6, 8, 50304),
@@ -39,15 +39,21 @@ SHAPES = {  # name: (d_model, n_layers, n_heads, vocab)
 _SHAPES = flags.DEFINE_list("shapes", list(SHAPES), "Shapes to measure, from a, b, c.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per framework and shape.")
 _THREADS = flags.DEFINE_integer("torch_threads", 0, "torch.set_num_threads (0: torch's default).")
+_SEQ = flags.DEFINE_integer("seq_len", 256, "Tokens per sequence.", lower_bound=1)
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Sequences per step.", lower_bound=1)
+_LAYERS = flags.DEFINE_integer("n_layers", 0, "Layers of every shape (0: each shape's own).", lower_bound=0)
+_PEAK_SIZE = flags.DEFINE_integer(
+    "peak_size", 2048, "Side of the square matmul the peak is measured on.", lower_bound=1
+)
 
 
-def benchmark_config(d_model: int, n_layers: int, n_heads: int, vocab: int):
+def benchmark_config(d_model: int, n_layers: int, n_heads: int, vocab: int, seq: int, batch: int):
     """A chinchax config of the shape, with the defaults a user gets (attention 'auto', dense loss)."""
     cfg = config.base_config()
     cfg.name = "bench"
-    cfg.model.update(vocab_size=vocab, max_positions=SEQ, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
-    cfg.data.update(tokenizer="bytes", seq_len=SEQ)
-    cfg.train.update(batch_size=BATCH, tokens=10**9, warmup_tokens=0)
+    cfg.model.update(vocab_size=vocab, max_positions=seq, d_model=d_model, n_layers=n_layers, n_heads=n_heads)
+    cfg.data.update(tokenizer="bytes", seq_len=seq)
+    cfg.train.update(batch_size=batch, tokens=10**9, warmup_tokens=0)
     return config.validate(cfg)
 
 
@@ -102,16 +108,18 @@ def time_hf(cfg, tokens: np.ndarray) -> float:
 def main(argv):
     del argv
     timing.check_shapes(_SHAPES.value, SHAPES)
-    peak = hardware.measure_matmul_peak()
+    seq, batch = _SEQ.value, _BATCH.value
+    peak = hardware.measure_matmul_peak(_PEAK_SIZE.value)
     seconds = {}
     for name in _SHAPES.value:
-        cfg = benchmark_config(*SHAPES[name])
-        tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
+        d_model, n_layers, n_heads, vocab = SHAPES[name]
+        cfg = benchmark_config(d_model, _LAYERS.value or n_layers, n_heads, vocab, seq, batch)
+        tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (batch, seq + 1)).astype(np.int32)
         seconds[name] = (time_chinchax(cfg, tokens), time_hf(cfg, tokens), cfg)
-    peak = max(peak, hardware.measure_matmul_peak())
+    peak = max(peak, hardware.measure_matmul_peak(_PEAK_SIZE.value))
 
     print(
-        f"seq {SEQ}, batch {BATCH}, fp32; JAX fp32 matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s"
+        f"seq {seq}, batch {batch}, fp32; JAX fp32 matmul peak measured in this run: {peak / 1e9:.1f} GFLOP/s"
     )
     print(
         f"{'shape':34s} {'ours tok/s':>10s} {'HF tok/s':>10s} {'ratio':>6s} {'ours MFU':>9s} {'HF MFU':>7s}"
@@ -119,8 +127,8 @@ def main(argv):
     results = {}
     for name, (ours, peer, cfg) in seconds.items():
         m = cfg.model
-        per_token = flops.flops_per_token(m, SEQ)
-        ours_rate, peer_rate = BATCH * SEQ / ours, BATCH * SEQ / peer
+        per_token = flops.flops_per_token(m, seq)
+        ours_rate, peer_rate = batch * seq / ours, batch * seq / peer
         results[name] = {
             "ours_tokens_per_s": round(ours_rate, 1),
             "peer_tokens_per_s": round(peer_rate, 1),

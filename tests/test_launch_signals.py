@@ -41,13 +41,14 @@ STOPPABLE_RUN = textwrap.dedent(
 
 # A launcher process: launch.run_local or launch.run_ray (argv: local|ray ROOT CWD [RAY_ADDRESS]) on one point
 # "p" of the stand-in; prints the outcomes as JSON. LEFTOVER_HANDLERS=1 first installs SIGINT / SIGTERM handlers
-# that swallow the signals, as a trainer run in the same process leaves behind (train.StopRequest's).
+# that swallow the signals, as a trainer run in the same process left behind before train.StopRequest put the
+# caller's handlers back.
 LAUNCHER = textwrap.dedent(
     """
     import json, os, pathlib, signal, sys
     from chinchax.scaling import launch, plan
     from chinchax.scaling import sweep as sweep_lib
-    if os.environ.get("LEFTOVER_HANDLERS"):  # as train.StopRequest leaves them: they only set a flag
+    if os.environ.get("LEFTOVER_HANDLERS"):  # handlers that only set a flag
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: None)
     engine, root, cwd = sys.argv[1], pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])

@@ -177,8 +177,8 @@ class _Tally:
 @contextlib.contextmanager
 def _launching(sweep: Sweep, root: pathlib.Path, todo: list[Point], progress: bool):
     """A tally for the `todo` points' outcomes; meanwhile SIGINT and SIGTERM raise KeyboardInterrupt, whatever
-    handled them before (a trainer run in this process leaves its StopRequest handler, which would swallow
-    Ctrl-C; a shell's background job starts with SIGINT ignored)."""
+    handled them before (a caller's handler that only sets a flag would swallow Ctrl-C; a shell's background job
+    starts with SIGINT ignored)."""
     (root / "logs").mkdir(parents=True, exist_ok=True)
     done = len(sweep.points) - len(todo)
     bar = tqdm(total=len(sweep.points), initial=done, desc=sweep.name, unit="run", disable=not progress)
