@@ -46,6 +46,7 @@ def assert_close(got: float, want: float, tolerance: float, what: str):
     assert abs(got - want) <= tolerance, f"{what}: {got} != {want} (± {tolerance})"
 
 
+@pytest.mark.slow  # 20-29 s (torch's GPT-2 beside ours)
 def test_train_throughput_prints_rates_whose_ratio_and_mfu_follow():
     """One shape cut to one layer, seq 16, batch 2, one timed step: a row whose tokens/s match the JSON, whose
     ratio is ours / HF, and whose MFU is tokens/s × the detailed FLOPs per token over the peak printed above it."""

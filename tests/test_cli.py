@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from chinchax.scaling import launch
 from tests.conftest import REPO
 
@@ -44,6 +46,7 @@ def test_bad_input_is_one_line_and_status_1(tmp_path):
         assert expected in out.stderr
 
 
+@pytest.mark.slow  # 32-43 s (two processes, each compiling or loading the step)
 def test_a_second_run_of_the_same_shape_compiles_nothing(tmp_path):
     """JAX's persistent compilation cache: the second run adds no cache entry; the peak is not re-measured."""
     cache = tmp_path / "jax_cache"

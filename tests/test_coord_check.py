@@ -13,6 +13,7 @@ from tests.conftest import REPO
 WIDTHS = (128, 256, 512, 1024)
 
 
+@pytest.mark.slow  # 82-87 s (compiles 8 models): the default run's longest; CI's second job runs it
 def test_mup_keeps_activation_scales_across_widths_sp_does_not(tmp_path):
     seed = int(np.random.SeedSequence().entropy % 2**31)
     out = subprocess.run(

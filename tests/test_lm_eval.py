@@ -135,6 +135,7 @@ def test_chinchax_matches_hf_model_in_lm_eval(setup, monkeypatch):
     assert any(g[0].strip() for g in generated)
 
 
+@pytest.mark.slow  # 31-44 s (lm-eval's CLI start-up); the adapter's numbers are checked in-process above
 def test_lm_eval_command_finds_the_registered_model(setup, tmp_path, monkeypatch):
     """`python -m chinchax.lm_eval_adapter --model chinchax --model_args workdir=DIR ...` on a saved run gives
     the numbers of lm-eval's own `hf` model on the same weights: accuracies and every choice's loglikelihood."""
