@@ -150,7 +150,7 @@ def greedy_by_full_forward(cfg, params, prompt: list[int], steps: int, stop: int
     return ids[len(prompt) :]
 
 
-@pytest.mark.slow  # 24-33 s; greedy sampling is checked against transformers in-process above
+@pytest.mark.slow  # 24-33 s (a process that restores a checkpoint and compiles); greedy decoding is checked in-process above
 def test_sample_command_greedy(tmp_path):
     """`experiments.sample --temperature=0` on a saved run prints the plain greedy continuation (bytes decoded
     here: UTF-8 with replacement, EOS as <|endoftext|>)."""
