@@ -9,7 +9,6 @@ import re
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from benchmarks import kernels
@@ -172,14 +171,10 @@ def test_perf_model_cpu_prints_predicted_and_measured_steps_and_their_error():
     assert len(lines) == 5, lines
 
 
-@pytest.mark.skipif(
-    jax.default_backend() != "cpu", reason="on a GPU/TPU the benchmark times; this is its CPU run"
-)
-def test_kernels_on_cpu_checks_one_attention_case_and_the_loss_within_tolerance(capsys):
+def test_kernels_on_cpu_checks_one_attention_case_and_the_loss_within_tolerance():
     """`--cpu_cases=1` on CPU: it says it only checks correctness, then one attention line (out, dq, dk, dv) and
     one loss line (loss, dh, dw) whose relative errors are finite and within the fp32 tolerance it prints."""
-    kernels.main(["--cpu_cases=1"])
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = run_benchmark("kernels", "--cpu_cases=1")
     assert (
         lines[0] == "No GPU/TPU: checking correctness only, Pallas in interpret mode on CPU (no timings)."
     ), lines

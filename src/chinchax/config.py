@@ -346,13 +346,11 @@ class TrainSchedule:
 
     tokens: int  # training tokens the run is planned for: what the learning-rate schedule spans
     steps: int  # optimizer steps that see them under the batch schedule (the last one may overshoot)
-    phases: tuple[
-        tuple[int, int, int], ...
-    ]  # per batch size: (first step, tokens seen before it, sequences/step)
+    # per batch size: (first step, tokens seen before it, sequences per step)
+    phases: tuple[tuple[int, int, int], ...]
     seq_len: int  # tokens per sequence
-    microbatch: (
-        int  # sequences per microbatch, fixed through a ramp; AUTO (0) until train.microbatches is resolved
-    )
+    # sequences per microbatch, fixed through a ramp; AUTO (0) until train.microbatches is resolved
+    microbatch: int
 
     def batch_size_at(self, step: int) -> int:
         """Sequences in (0-based) step `step`."""
