@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from experiments.configs import cerebras_gpt, cpu
+from experiments.configs import cerebras_gpt, cpu, llama
 
 DEFAULT = "cpu_default"
-_FILES = (cerebras_gpt, cpu)
+_FILES = (cerebras_gpt, cpu, llama)
 
 
 def names() -> list[str]:

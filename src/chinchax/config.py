@@ -19,20 +19,28 @@ import ml_collections
 # fmt: off
 SCHEMA: dict[str, tuple[object, str]] = {
     "name": ("custom", "Name of the scale point, used in plans and results."),
-    # The model (Cerebras-GPT / GPT-2 architecture).
+    # The model (Cerebras-GPT / GPT-2 architecture by default; each Llama-style choice is its own switch).
     "model.vocab_size": (50257, "Vocabulary size: 50257 for GPT-2 BPE, 257 for bytes + EOS."),
-    "model.max_positions": (2048, "Number of learned absolute positions (maximum sequence length)."),
+    "model.max_positions": (2048, "Maximum sequence length (the number of learned positions when position='learned')."),
     "model.d_model": (768, "Width of the residual stream."),
     "model.n_layers": (12, "Number of transformer blocks."),
     "model.n_heads": (12, "Attention heads per block; must divide d_model."),
-    "model.d_ffn": (0, "Hidden width of the MLP; 0 means 4 * d_model."),
+    "model.kv_heads": (0, "Key/value heads (grouped-query attention); must divide n_heads; 0 means n_heads."),
+    "model.d_ffn": (0, "Hidden width of the MLP; 0: 4 * d_model (gelu), 8/3 * d_model up to a multiple of d_ffn_multiple (swiglu)."),
+    "model.d_ffn_multiple": (256, "swiglu's default d_ffn is rounded up to a multiple of this (Llama's multiple_of)."),
+    "model.norm": ("layernorm", "Block and final norm: 'layernorm' (GPT-2/3) or 'rmsnorm' (Llama)."),
+    "model.position": ("learned", "Positions: 'learned' absolute embeddings (GPT-2/3) or 'rope' (rotary, Llama)."),
+    "model.rope_theta": (10000.0, "Rotary base θ: pair i of a head turns at position·θ^(-2i/d_head) radians."),
+    "model.mlp": ("gelu", "MLP: 'gelu' (exact GELU, GPT-2/3) or 'swiglu' (fc2(silu(gate(x)) · fc1(x)), Llama)."),
+    "model.bias": (True, "Biases on every Dense layer and LayerNorm (GPT-2/3); False: none anywhere (Llama)."),
+    "model.tie_embeddings": (True, "Logits from the token embedding (GPT-2/3); False: a separate 'head' matrix (Llama)."),
     "model.parametrization": ("sp", "'sp' (standard, GPT-2/3) or 'mup' (Cerebras maximal-update rules)."),
     "model.init_std": (0.02, "Init σ of embeddings and hidden matrices (SP), or σ_base (μP)."),
     "model.out_proj_init_std": (0.0, "SP init σ of attn-out and fc2; 0 means init_std / sqrt(2 n_layers)."),
     "model.mup_base_width": (256, "μP base width: the width multiplier is m = d_model / mup_base_width."),
     "model.mup_embedding_multiplier": (10.0, "μP: the summed embedding output is multiplied by this."),
     "model.mup_output_alpha": (1.0, "μP: logits are multiplied by mup_output_alpha / m."),
-    "model.layer_norm_eps": (1e-5, "LayerNorm epsilon."),
+    "model.layer_norm_eps": (1e-5, "LayerNorm / RMSNorm epsilon."),
     "model.compute_dtype": ("float32", "Matmul dtype, 'float32' or 'bfloat16'; params, softmax, loss fp32."),
     "model.remat": ("none", "Backward-pass recomputation: 'none', 'dots' (keep weight-matmul outputs), 'full', 'auto'."),
     "model.attention": ("auto", "Attention: 'xla' (einsum, whole scores), 'blockwise', 'cudnn', 'pallas' or 'auto'."),
@@ -87,6 +95,9 @@ DECAYS = ("linear", "cosine")
 ATTENTIONS = ("xla", "blockwise", "cudnn", "pallas", "auto")
 LOSSES = ("dense", "chunked")
 LAYER_LOOPS = ("scan", "unroll", "auto")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
 REMATS = ("none", "dots", "full")  # lightest first: what 'auto' tries in this order
 AUTO = 0  # train.microbatches = 0 (on the command line also 'auto'): the fewest that fit the device
 EVAL_SPLITS = ("validation", "test")  # what train.final_eval may name
@@ -132,13 +143,24 @@ def describe() -> str:
 
 
 def d_ffn(model: ml_collections.ConfigDict) -> int:
-    """MLP hidden width."""
-    return model.d_ffn or 4 * model.d_model
+    """MLP hidden width: model.d_ffn, else 4·d (gelu) or Llama's 8/3·d rounded up to d_ffn_multiple (swiglu,
+    which has three matrices to gelu's two: about the same parameters)."""
+    if model.d_ffn:
+        return model.d_ffn
+    if model.mlp == "swiglu":
+        multiple = model.d_ffn_multiple
+        return -(-(8 * model.d_model) // (3 * multiple)) * multiple
+    return 4 * model.d_model
 
 
 def d_head(model: ml_collections.ConfigDict) -> int:
     """Width of one attention head."""
     return model.d_model // model.n_heads
+
+
+def kv_heads(model: ml_collections.ConfigDict) -> int:
+    """Key/value heads: model.kv_heads, or one per query head (0)."""
+    return model.kv_heads or model.n_heads
 
 
 def flatten(tree, prefix: str = "", sep: str = ".") -> dict:
@@ -180,10 +202,26 @@ def _check_model(m: ml_collections.ConfigDict, need: _Need) -> None:
     for key in ("vocab_size", "max_positions", "d_model", "n_layers", "n_heads"):
         need(isinstance(m[key], int) and m[key] > 0, f"model.{key}={m[key]!r} must be a positive int")
     need(m.d_ffn >= 0, f"model.d_ffn={m.d_ffn} must be >= 0")
+    need(m.d_ffn_multiple >= 1, f"model.d_ffn_multiple={m.d_ffn_multiple} must be >= 1")
     need(
         m.d_model % m.n_heads == 0,
         f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}",
     )
+    need(
+        isinstance(m.kv_heads, int) and m.kv_heads >= 0 and m.n_heads % kv_heads(m) == 0,
+        f"model.kv_heads={m.kv_heads!r} must divide model.n_heads={m.n_heads} (0 means n_heads)",
+    )
+    need(m.norm in NORMS, f"model.norm={m.norm!r} is not one of {NORMS}")
+    need(m.position in POSITIONS, f"model.position={m.position!r} is not one of {POSITIONS}")
+    need(m.mlp in MLPS, f"model.mlp={m.mlp!r} is not one of {MLPS}")
+    need(
+        m.position != "rope" or d_head(m) % 2 == 0,
+        f"model.position='rope' rotates pairs of a head's dimensions: the head width d_model/n_heads = "
+        f"{m.d_model}/{m.n_heads} = {d_head(m)} must be even",
+    )
+    need(m.rope_theta > 0, f"model.rope_theta={m.rope_theta} must be > 0")
+    for key in ("bias", "tie_embeddings"):
+        need(isinstance(m[key], bool), f"model.{key}={m[key]!r} must be true or false")
     need(
         m.parametrization in PARAMETRIZATIONS,
         f"model.parametrization={m.parametrization!r} is not one of {PARAMETRIZATIONS}",

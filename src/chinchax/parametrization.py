@@ -4,18 +4,26 @@ Hold this file against Cerebras-GPT (Dey et al. 2023, Table 7 / App. G). With m 
 
     role        params                           init σ (SP)        init σ (μP)           LR× (SP)  LR× (μP)
     embedding   token and position embeddings    σ                  σ_base                1         1
-    hidden      Q, K, V, fc1 kernels             σ                  σ_base / √m           1         1/m
+    hidden      Q, K, V, fc1, gate kernels       σ                  σ_base / √m           1         1/m
     out_proj    attn-out, fc2 kernels            σ / √(2L) or set   σ_base / √(2 m L)     1         1/m
+    output      the untied head                  σ                  σ_base                1         1
     bias        every bias                       0                  0                     1         1
-    norm        LayerNorm scale (1) and bias (0) —                  —                     1         1
+    norm        LayerNorm / RMSNorm gain (1)     —                  —                     1         1
+                and LayerNorm bias (0)
 
     forward multiplier        SP                 μP
     embedding output          1                  10
     attention logits          q·k / √d_head      q·k / d_head
     output logits             1                  α / m
 
+The Llama-style parameters take the rows of the GPT-3 parameters they stand for: SwiGLU's gate is a hidden
+matrix like fc1 (width in, width out); separate Q and grouped K/V projections are hidden like the fused QKV;
+RMSNorm's gain is a norm. The untied head is μP's output-weight row in its multiplier form (Yang et al. 2022,
+Tensor Programs V, Table 8; the `mup` package's MuReadout with MuAdam): the α/m logit multiplier carries the
+width scaling, so its init σ and Adam learning rate stay constant in width, as the tied embedding's do.
+
 Inits are truncated normals at ±2σ without variance correction (their std is ≈ 0.88 σ). Weight decay applies
-to embeddings, hidden and out_proj kernels, never to biases or LayerNorm.
+to embeddings, hidden, out_proj and output kernels, never to biases or norms.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import optax
 
 from chinchax.config import d_head, width_multiplier
 
-ROLES = ("embedding", "hidden", "out_proj", "bias", "norm")
+ROLES = ("embedding", "hidden", "out_proj", "output", "bias", "norm")
 
 # Which role each model parameter plays, by the name of the module (or param) that owns it: the one place roles
 # are named (the model's initializers and the optimizer's multipliers and weight-decay mask all read it).
@@ -37,9 +45,13 @@ ROLE_OF_MODULE = {
     "token_embed": "embedding",
     "position_embed": "embedding",
     "qkv": "hidden",
+    "q": "hidden",
+    "kv": "hidden",
     "fc1": "hidden",
+    "gate": "hidden",
     "attn_out": "out_proj",
     "fc2": "out_proj",
+    "head": "output",
     "ln_1": "norm",
     "ln_2": "norm",
     "ln_f": "norm",
@@ -50,7 +62,7 @@ ROLE_OF_MODULE = {
 class Rule:
     """How one parameter role is initialised and trained."""
 
-    init_std: float | None  # σ of the ±2σ truncated normal; 0 = zeros; None = LayerNorm (ones / zeros)
+    init_std: float | None  # σ of the ±2σ truncated normal; 0 = zeros; None = a norm (gain ones, bias zeros)
     lr_multiplier: float  # multiplies the global learning-rate schedule
     weight_decay: bool  # whether decoupled weight decay applies
 
@@ -61,7 +73,7 @@ class ForwardMultipliers:
 
     embedding: float  # on the summed token + position embedding
     attention_scale: float  # on q·k
-    logits: float  # on the tied-head logits
+    logits: float  # on the logits (tied or untied head)
 
 
 def rules(model: ml_collections.ConfigDict) -> dict[str, Rule]:
@@ -73,6 +85,7 @@ def rules(model: ml_collections.ConfigDict) -> dict[str, Rule]:
             "embedding": Rule(σ, 1.0, True),
             "hidden": Rule(σ, 1.0, True),
             "out_proj": Rule(out_std, 1.0, True),
+            "output": Rule(σ, 1.0, True),
             "bias": Rule(0.0, 1.0, False),
             "norm": Rule(None, 1.0, False),
         }
@@ -80,6 +93,7 @@ def rules(model: ml_collections.ConfigDict) -> dict[str, Rule]:
         "embedding": Rule(σ, 1.0, True),
         "hidden": Rule(σ / math.sqrt(m), 1.0 / m, True),
         "out_proj": Rule(σ / math.sqrt(2 * m * L), 1.0 / m, True),
+        "output": Rule(σ, 1.0, True),
         "bias": Rule(0.0, 1.0, False),
         "norm": Rule(None, 1.0, False),
     }

@@ -1,6 +1,9 @@
 """Parameter counts, FLOPs per token and training FLOPs of a config (analytic, no devices).
 
-Counts follow Cerebras-GPT App. E: embeddings V·d + S·d, per layer 12d² + 13d (with d_ffn = 4d), final LN 2d.
+Counts follow Cerebras-GPT App. E: embeddings V·d + S·d, per layer 12d² + 13d (with d_ffn = 4d), final LN 2d;
+the Llama-style switches change the terms (`layer_params`): grouped K/V, a third (gate) MLP matrix, no biases,
+RMSNorm's gain alone, no position table under rope, and an untied (vocab, d) head, which counts as a
+non-embedding matrix (every token multiplies through it; its FLOPs are the logits' in either case).
 FLOPs count multiply-adds as 2 and training as 3× the forward pass (forward + backward), as Chinchilla and
 PaLM do; the detailed count adds attention (q·kᵀ and weights·v over the full sequence) and the logits matmul
 to the non-embedding matmuls, and leaves out LayerNorm, GELU, softmax and the embedding lookup.
@@ -26,7 +29,15 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from chinchax.config import SPARSITY_SCHEDULES, batch_phases, d_ffn, steps_for, train_schedule
+from chinchax.config import (
+    SPARSITY_SCHEDULES,
+    batch_phases,
+    d_ffn,
+    d_head,
+    kv_heads,
+    steps_for,
+    train_schedule,
+)
 
 _SEARCH_ITERATIONS = 100  # fixed-point iterations of `solve_steps` (converges in a handful)
 
@@ -36,27 +47,51 @@ def paper_param_count(vocab: int, positions: int, d: int, layers: int) -> int:
     return vocab * d + positions * d + layers * (12 * d * d + 13 * d) + 2 * d
 
 
+def norm_params(model: ml_collections.ConfigDict) -> int:
+    """One norm: its gain, and LayerNorm's bias when model.bias is on."""
+    return model.d_model * (2 if model.norm == "layernorm" and model.bias else 1)
+
+
+def _block_matrices(model: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(weights, biases) of one block's Dense layers: Q, K/V (kv_heads of them), attn-out, the MLP's two (gelu)
+    or three (swiglu) matrices."""
+    d, f, kv = model.d_model, d_ffn(model), kv_heads(model) * d_head(model)
+    mlp_in = 2 if model.mlp == "swiglu" else 1
+    weights = 2 * d * d + 2 * d * kv + (mlp_in + 1) * d * f
+    biases = 3 * d + 2 * kv + mlp_in * f
+    return weights, biases if model.bias else 0
+
+
 def layer_params(model: ml_collections.ConfigDict) -> int:
-    """Parameters of one block: QKV, attn-out, fc1, fc2 (weights + biases) and two LayerNorms."""
-    d, f = model.d_model, d_ffn(model)
-    return 4 * d * d + 2 * d * f + 9 * d + f
+    """Parameters of one block: its Dense weights and biases and two norms (GPT-3: 12d² + 13d)."""
+    return sum(_block_matrices(model)) + 2 * norm_params(model)
 
 
 def embedding_params(model: ml_collections.ConfigDict) -> int:
-    """Token and position embeddings (the tied head adds none)."""
-    return (model.vocab_size + model.max_positions) * model.d_model
+    """The lookup tables: token embedding, and the position table under learned positions."""
+    positions = model.max_positions if model.position == "learned" else 0
+    return (model.vocab_size + positions) * model.d_model
+
+
+def head_params(model: ml_collections.ConfigDict) -> int:
+    """The untied head's (vocab, d) matrix (0 when tied to the token embedding)."""
+    return 0 if model.tie_embeddings else model.vocab_size * model.d_model
 
 
 def param_count(model: ml_collections.ConfigDict) -> int:
-    """All parameters: embeddings, blocks, final LayerNorm."""
-    return embedding_params(model) + model.n_layers * layer_params(model) + 2 * model.d_model
+    """All parameters: embeddings, blocks, final norm, an untied head."""
+    return (
+        embedding_params(model)
+        + model.n_layers * layer_params(model)
+        + norm_params(model)
+        + head_params(model)
+    )
 
 
 def matmul_params(model: ml_collections.ConfigDict) -> int:
     """Weights of the block matmuls (what each token multiplies through once, excluding the head): the Dense
     kernels a sparse run prunes."""
-    d, f = model.d_model, d_ffn(model)
-    return model.n_layers * (4 * d * d + 2 * d * f)
+    return model.n_layers * _block_matrices(model)[0]
 
 
 def flops_per_token(model: ml_collections.ConfigDict, seq_len: int, density: float = 1):

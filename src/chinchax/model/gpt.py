@@ -1,17 +1,21 @@
-"""The Cerebras-GPT model (GPT-2/3 architecture) in Flax Linen.
+"""The Cerebras-GPT model (GPT-2/3 architecture) in Flax Linen, with each Llama-style choice as a switch.
 
-Learned absolute positions, pre-LN blocks with a final LayerNorm, exact causal attention with fused biased
-Q/K/V, an exact-GELU MLP, the head tied to the token embedding without a bias, no dropout. Blocks run under
-`nn.scan`, parameters stacked on a leading `layers` axis: one compiled body, or unrolled (`model.layer_loop`).
-Attention is whole-score XLA einsums or a kernel that never writes the (seq × seq) scores (`model.attention`).
-Every parameter carries logical axis names for the sharding rules. Params are fp32; matmuls run in `compute_dtype`; softmax and logits are fp32.
+By default: learned absolute positions, pre-LN blocks with a final LayerNorm, exact causal attention with fused
+biased Q/K/V, an exact-GELU MLP, the head tied to the token embedding without a bias, no dropout. The switches
+(config.model, each independent): `norm` 'rmsnorm', `position` 'rope' (rotary, rotate-half pairs as HF Llama),
+`mlp` 'swiglu', `kv_heads` < n_heads (grouped-query attention: separate Q and K/V projections, query head i
+reads kv head i // (n_heads / kv_heads)), `bias` False (no biases anywhere), `tie_embeddings` False (a separate
+(vocab, d_model) 'head'). Blocks run under `nn.scan`, parameters stacked on a leading `layers` axis: one compiled
+body, or unrolled (`model.layer_loop`). Attention is whole-score XLA einsums or a kernel that never writes the
+(seq × seq) scores (`model.attention`). Every parameter carries logical axis names for the sharding rules.
+Params are fp32; matmuls run in `compute_dtype`; norms, rotations, softmax and logits are fp32.
 Init and forward multipliers come from `parametrization` (SP or μP). With `mutable=["intermediates"]` the
 forward pass also returns the mean |activation| of the embedding output, attention logits, every block's
 output and the logits (the μP coordinate check); otherwise those cost nothing.
 
-Decoding (`build(model, decode=True)`): a 'cache' collection holds every layer's keys and values and the
-next position. `init_cache` makes an empty one; each apply with `mutable=["cache"]` appends its tokens at
-that position (a prompt at once, then one token at a time) and attends over everything written so far.
+Decoding (`build(model, decode=True)`): a 'cache' collection holds every layer's keys and values (kv_heads of
+them) and the next position. `init_cache` makes an empty one; each apply with `mutable=["cache"]` appends its
+tokens at that position (a prompt at once, then one token at a time) and attends over everything written so far.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from chinchax import parametrization
-from chinchax.config import d_ffn, d_head
+from chinchax.config import d_ffn, d_head, kv_heads
 
 
 def _init(model: ml_collections.ConfigDict, path: tuple[str, ...], axes: tuple):
@@ -34,45 +38,79 @@ def _init(model: ml_collections.ConfigDict, path: tuple[str, ...], axes: tuple):
     return nn.with_logical_partitioning(parametrization.initializer(model, role), axes, rules=())
 
 
-def _layer_norm(model: ml_collections.ConfigDict, name: str) -> nn.LayerNorm:
+def _norm(model: ml_collections.ConfigDict, name: str) -> nn.Module:
+    """The block / final norm in fp32: LayerNorm (with a bias unless model.bias is off) or RMSNorm."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+    if model.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=model.layer_norm_eps, dtype=jnp.float32, scale_init=scale_init, name=name)
     return nn.LayerNorm(
         epsilon=model.layer_norm_eps,
         dtype=jnp.float32,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        use_bias=model.bias,
+        scale_init=scale_init,
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         name=name,
     )
 
 
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary positions (rotate-half layout, as HF Llama): x (batch, seq, heads, d_head) at `positions` (seq,);
+    dimensions i and i + d_head/2 turn together by position · θ^(−2i/d_head) radians, in fp32."""
+    half = x.shape[-1] // 2
+    frequencies = 1.0 / theta ** (jnp.arange(0, 2 * half, 2, dtype=jnp.float32) / (2 * half))
+    angles = positions.astype(jnp.float32)[:, None] * frequencies  # (seq, half)
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _grouped(q: jax.Array, kv_head_count: int) -> jax.Array:
+    """q (batch, seq, heads, d_head) as (batch, seq, kv_heads, heads per kv head, d_head)."""
+    b, s, h, d = q.shape
+    return q.reshape(b, s, kv_head_count, h // kv_head_count, d)
+
+
 def attention_logits(q: jax.Array, k: jax.Array, scale: float) -> jax.Array:
-    """scale · q·kᵀ in fp32: (batch, seq, heads, d_head) × 2 → (batch, heads, q_seq, k_seq)."""
-    return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    """scale · q·kᵀ in fp32: q (batch, q_seq, heads, d_head), k (batch, k_seq, kv_heads, d_head) →
+    (batch, heads, q_seq, k_seq); query head i reads kv head i // (heads / kv_heads)."""
+    if k.shape[2] == q.shape[2]:
+        return jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bqhgd,bkhd->bhgqk", _grouped(q, k.shape[2]), k, preferred_element_type=jnp.float32)
+    return logits.reshape(q.shape[0], q.shape[2], q.shape[1], k.shape[1]) * scale
 
 
 def attend_with_logits(logits: jax.Array, v: jax.Array, query_offset: jax.Array | int = 0) -> jax.Array:
-    """softmax(logits + causal mask) · v, softmax in fp32; returns (batch, q_seq, heads, d_head).
+    """softmax(logits + causal mask) · v, softmax in fp32: logits (batch, heads, q_seq, k_seq), v (batch, k_seq,
+    kv_heads, d_head) → (batch, q_seq, heads, d_head).
 
     Query i sits at position query_offset + i and key j at position j; a query sees keys at or before it.
     """
-    q_seq, k_seq = logits.shape[-2:]
+    batch, heads, q_seq, k_seq = logits.shape
     causal = jnp.arange(k_seq)[None, :] <= jnp.arange(q_seq)[:, None] + query_offset
     logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    if v.shape[2] == heads:
+        return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    grouped = weights.reshape(batch, v.shape[2], heads // v.shape[2], q_seq, k_seq)
+    return jnp.einsum("bhgqk,bkhd->bqhgd", grouped, v).reshape(batch, q_seq, heads, v.shape[-1])
 
 
 def per_shard(kernel, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """kernel(q, k, v) on each device's own (batch, heads) block under a mesh (shard_map by the logical rules).
 
     Attention is independent per sequence and head, and XLA cannot split a kernel it does not see into (a
-    loop over rows, a custom call): left to itself it gathers the whole batch onto every device."""
+    loop over rows, a custom call): left to itself it gathers the whole batch onto every device. Keys and values
+    split by the 'kv_heads' rule, so each device holds the kv heads its query heads read."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return kernel(q, k, v)
     spec = nn.logical_to_mesh_axes(("batch", "length", "heads", "head_dim"))
+    kv_spec = nn.logical_to_mesh_axes(("batch", "length", "kv_heads", "head_dim"))
     # check_vma off: a Pallas call's output shape does not say how it varies over the mesh, and the kernels
     # run no collectives for the check to follow.
-    sharded = jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    sharded = jax.shard_map(
+        kernel, mesh=mesh, in_specs=(spec, kv_spec, kv_spec), out_specs=spec, check_vma=False
+    )
     return sharded(q, k, v)
 
 
@@ -104,54 +142,75 @@ def blockwise_blocks(seq_len: int) -> tuple[int, int]:
 
 
 class Block(nn.Module):
-    """One pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+    """One pre-norm transformer block: x + attn(norm_1(x)), then x + mlp(norm_2(x))."""
 
     model: ml_collections.FrozenConfigDict
     decode: bool = False
 
+    def dense(self, features, name: str, axes: tuple, axis=-1) -> nn.DenseGeneral:
+        """A Dense layer of the block (its role from the parametrization table, biases unless model.bias is
+        off); `axes`: the kernel's logical axes, the bias takes the output's."""
+        cfg = self.model
+        output_axes = axes[-1:] if isinstance(features, int) else axes[-len(features) :]
+        return nn.DenseGeneral(
+            features,
+            axis=axis,
+            dtype=jnp.dtype(cfg.compute_dtype),
+            use_bias=cfg.bias,
+            kernel_init=_init(cfg, (name, "kernel"), axes),
+            bias_init=_init(cfg, (name, "bias"), output_axes),
+            name=name,
+        )
+
     @nn.compact
     def __call__(self, x: jax.Array, start: jax.Array | None) -> tuple[jax.Array, None]:
         """x (batch, seq, d_model); start: position of x's first token in the KV cache (decode only)."""
-        cfg, dtype = self.model, jnp.dtype(self.model.compute_dtype)
-        heads, width = cfg.n_heads, d_head(cfg)
+        cfg = self.model
+        heads, kv, width = cfg.n_heads, kv_heads(cfg), d_head(cfg)
 
-        h = _layer_norm(cfg, "ln_1")(x)
-        qkv = nn.DenseGeneral(
-            (3, heads, width),
-            dtype=dtype,
-            kernel_init=_init(cfg, ("qkv", "kernel"), ("embed", None, "heads", "head_dim")),
-            bias_init=_init(cfg, ("qkv", "bias"), (None, "heads", "head_dim")),
-            name="qkv",
-        )(h)
-        qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "head_dim"))
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        h = _norm(cfg, "ln_1")(x)
+        if kv == heads:  # every head its own keys and values: one fused projection
+            qkv = self.dense((3, heads, width), "qkv", ("embed", None, "heads", "head_dim"))(h)
+            qkv = nn.with_logical_constraint(qkv, ("batch", "length", None, "heads", "head_dim"))
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            q = self.dense((heads, width), "q", ("embed", "heads", "head_dim"))(h)
+            q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+            keys_values = self.dense((2, kv, width), "kv", ("embed", None, "kv_heads", "head_dim"))(h)
+            keys_values = nn.with_logical_constraint(
+                keys_values, ("batch", "length", None, "kv_heads", "head_dim")
+            )
+            k, v = keys_values[:, :, 0], keys_values[:, :, 1]
+        if cfg.position == "rope":
+            positions = jnp.arange(x.shape[1]) + (start if self.decode else 0)
+            q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
         scale = parametrization.forward_multipliers(cfg).attention_scale
         if self.decode:
             y = self.attend_cached(q, k, v, scale, start)
         else:
             y = self.attention(q, k, v, scale)
-        y = nn.DenseGeneral(
-            cfg.d_model,
-            axis=(-2, -1),
-            dtype=dtype,
-            kernel_init=_init(cfg, ("attn_out", "kernel"), ("heads", "head_dim", "embed")),
-            bias_init=_init(cfg, ("attn_out", "bias"), ("embed",)),
-            name="attn_out",
-        )(y)
+        y = self.dense(cfg.d_model, "attn_out", ("heads", "head_dim", "embed"), axis=(-2, -1))(y)
         x = x + y
 
-        h = _layer_norm(cfg, "ln_2")(x)
-        h = nn.Dense(
+        h = _norm(cfg, "ln_2")(x)
+        up = nn.Dense(
             d_ffn(cfg),
-            dtype=dtype,
+            dtype=jnp.dtype(cfg.compute_dtype),
+            use_bias=cfg.bias,
             kernel_init=_init(cfg, ("fc1", "kernel"), ("embed", "mlp")),
             bias_init=_init(cfg, ("fc1", "bias"), ("mlp",)),
             name="fc1",
         )(h)
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=False), ("batch", "length", "mlp"))
+        if cfg.mlp == "swiglu":
+            gate = self.dense(d_ffn(cfg), "gate", ("embed", "mlp"))(h)
+            h = nn.silu(gate) * up
+        else:
+            h = nn.gelu(up, approximate=False)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         h = nn.Dense(
             cfg.d_model,
-            dtype=dtype,
+            dtype=jnp.dtype(cfg.compute_dtype),
+            use_bias=cfg.bias,
             kernel_init=_init(cfg, ("fc2", "kernel"), ("mlp", "embed")),
             bias_init=_init(cfg, ("fc2", "bias"), ("embed",)),
             name="fc2",
@@ -215,11 +274,16 @@ class GPT(nn.Module):
             embedding_init=_init(cfg, ("token_embed", "embedding"), ("vocab", "embed")),
             name="token_embed",
         )
-        self.position_embed = self.param(
-            "position_embed",
-            _init(cfg, ("position_embed",), (None, "embed")),
-            (cfg.max_positions, cfg.d_model),
-        )
+        if cfg.position == "learned":
+            self.position_embed = self.param(
+                "position_embed",
+                _init(cfg, ("position_embed",), (None, "embed")),
+                (cfg.max_positions, cfg.d_model),
+            )
+        if not cfg.tie_embeddings:  # laid out as the embedding (and HF's lm_head): (vocab, d_model)
+            self.head = self.param(
+                "head", _init(cfg, ("head",), ("vocab", "embed")), (cfg.vocab_size, cfg.d_model)
+            )
         block = (
             Block
             if cfg.remat == "none"
@@ -234,37 +298,41 @@ class GPT(nn.Module):
             unroll=cfg.n_layers if layer_loop(cfg) == "unroll" else 1,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, self.decode, name="blocks")
-        self.ln_f = _layer_norm(cfg, "ln_f")
+        self.ln_f = _norm(cfg, "ln_f")
         if self.decode:
             self.next_position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
 
     def features(self, tokens: jax.Array) -> jax.Array:
-        """The final-LayerNorm hidden states (batch, seq, d_model), fp32."""
+        """The final-norm hidden states (batch, seq, d_model), fp32."""
         multipliers = parametrization.forward_multipliers(self.model)
+        start = None
         if self.decode:  # tokens continue the cached sequence at its next position
             start = self.next_position.value
             self.next_position.value = start + tokens.shape[1]
-            positions = jax.lax.dynamic_slice_in_dim(self.position_embed, start, tokens.shape[1])
-        else:
-            start, positions = None, self.position_embed[: tokens.shape[1]]
-        x = (self.token_embed(tokens) + positions) * multipliers.embedding
+        x = self.token_embed(tokens)
+        if self.model.position == "learned":
+            if self.decode:
+                x = x + jax.lax.dynamic_slice_in_dim(self.position_embed, start, tokens.shape[1])
+            else:
+                x = x + self.position_embed[: tokens.shape[1]]
+        x = x * multipliers.embedding
         self.sow("intermediates", "embedding", jnp.mean(jnp.abs(x)))
         x = nn.with_logical_constraint(x.astype(self.model.compute_dtype), ("batch", "length", "embed"))
         x, _ = self.blocks(x, start)
         return self.ln_f(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Tied head: (hidden × the logit multiplier) · token_embedᵀ, fp32.
+        """(hidden × the logit multiplier) · headᵀ, fp32; the head is token_embed's table unless untied.
 
         The multiplier (μP's 1/m) scales the hidden states rather than the logits, so no second
         vocabulary-sized fp32 buffer is written.
         """
         dtype = jnp.dtype(self.model.compute_dtype)
-        embedding = self.token_embed.embedding.astype(dtype)
+        head = self.token_embed.embedding if self.model.tie_embeddings else self.head
         multiplier = parametrization.forward_multipliers(self.model).logits
         scaled = hidden if multiplier == 1.0 else hidden * multiplier
         logits = jnp.einsum(
-            "bsd,vd->bsv", scaled.astype(dtype), embedding, preferred_element_type=jnp.float32
+            "bsd,vd->bsv", scaled.astype(dtype), head.astype(dtype), preferred_element_type=jnp.float32
         )
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
 
@@ -272,6 +340,11 @@ class GPT(nn.Module):
         logits = self.logits(self.features(tokens))
         self.sow("intermediates", "logits", jnp.mean(jnp.abs(logits)))
         return logits
+
+
+def head_weight(model: ml_collections.ConfigDict, params: dict) -> jax.Array:
+    """The (vocab, d_model) matrix the logits are taken against: the token embedding, or the untied head."""
+    return params["token_embed"]["embedding"] if model.tie_embeddings else params["head"]
 
 
 def build(model: ml_collections.ConfigDict, decode: bool = False) -> GPT:

@@ -1,4 +1,4 @@
-"""The loss: next-token cross-entropy through the tied head, dense or chunked, in fp32.
+"""The loss: next-token cross-entropy through the (tied or untied) head, dense or chunked, in fp32.
 
 One function for training and evaluation. Targets equal to IGNORE (padding rows of a microbatch, the masked
 tail of an evaluation window) carry no loss and no gradient; the loss is the sum over the other targets, with
@@ -34,7 +34,7 @@ def summed_cross_entropy(model: ml_collections.ConfigDict, head: str | None = No
             hidden = net.apply({"params": params}, inputs, method=gpt.GPT.features)
             per_token = chinchax_kernels.softmax_cross_entropy(
                 hidden.reshape(-1, hidden.shape[-1]),
-                params["token_embed"]["embedding"],
+                gpt.head_weight(model, params),
                 labels.reshape(-1),
                 logit_scale=logit_scale,
             ).reshape(labels.shape)
