@@ -26,10 +26,11 @@ def fresh_seed() -> int:
     return int(np.random.default_rng().integers(2**31))
 
 
-def random_inputs(seed, batch, q_len, kv_len, heads, head_dim, dtype):
+def random_inputs(seed, batch, q_len, kv_len, heads, head_dim, dtype, kv_heads=None):
+    """q, k, v, d_out; k and v have kv_heads heads (default: heads)."""
     rng = np.random.default_rng(seed)
     q, d_out = (rng.standard_normal((batch, q_len, heads, head_dim)) for _ in range(2))
-    k, v = (rng.standard_normal((batch, kv_len, heads, head_dim)) for _ in range(2))
+    k, v = (rng.standard_normal((batch, kv_len, kv_heads or heads, head_dim)) for _ in range(2))
     return [jnp.asarray(x, dtype) for x in (q, k, v, d_out)]
 
 
@@ -96,6 +97,16 @@ def test_reference_matches_jax_dot_product_attention():
         assert error <= 1e-6, (causal, error, f"seed {seed}")
 
 
+def test_reference_grouped_query_matches_jax_dot_product_attention():
+    """jax.nn.dot_product_attention's GQA (query head i with kv head i // (heads // kv_heads)) is the convention."""
+    seed = fresh_seed()
+    q, k, v, _ = random_inputs(seed, 2, 24, 24, 6, 16, jnp.float32, kv_heads=2)
+    for causal in (True, False):
+        expected = jax.nn.dot_product_attention(q, k, v, is_causal=causal, scale=0.3)
+        error = relative_error(reference.attention(q, k, v, causal=causal, scale=0.3), expected)
+        assert error <= 1e-6, (causal, error, f"seed {seed}")
+
+
 def test_rejects_mismatched_shapes_before_work():
     q = jnp.ones((1, 8, 2, 16))
     with pytest.raises(ValueError, match="differ in batch, heads or head_dim"):
@@ -106,15 +117,54 @@ def test_rejects_mismatched_shapes_before_work():
         flash_attention(q, q, q, block_sizes=BlockSizes(q=24))
 
 
+@pytest.mark.parametrize("attention", [flash_attention, blockwise_attention])
+def test_rejects_kv_heads_not_dividing_heads(attention):
+    """kv heads must divide query heads, and k and v agree: one-line errors naming the shapes."""
+    q, k3, k2 = jnp.ones((1, 8, 4, 16)), jnp.ones((1, 8, 3, 16)), jnp.ones((1, 8, 2, 16))
+    message = re.escape("q (1, 8, 4, 16) and k (1, 8, 3, 16) differ in batch, heads or head_dim")
+    with pytest.raises(ValueError, match=message + ".*must divide them"):
+        attention(q, k3, k3)
+    with pytest.raises(ValueError, match=re.escape("k and v shapes differ: (1, 8, 2, 16) vs (1, 8, 4, 16)")):
+        attention(q, k2, q)
+
+
+GQA_CASES = {
+    # name: (batch, q_len, kv_len, heads, kv_heads, head_dim, causal)
+    "gqa-8-heads-2-kv": (2, 40, 40, 8, 2, 16, True),
+    "mqa-4-heads-1-kv-ragged": (1, 45, 45, 4, 1, 24, True),  # padded sequence and head dim in flash
+}
+GQA_KERNELS = {
+    "flash": lambda q, k, v: flash_attention(q, k, v, causal=True, block_sizes=SMALL_BLOCKS),
+    "blockwise": lambda q, k, v: blockwise_attention(q, k, v, causal=True, block_q=16, block_k=24),
+}
+
+
+@pytest.mark.parametrize("attention", GQA_KERNELS.values(), ids=GQA_KERNELS.keys())
+@pytest.mark.parametrize("case", GQA_CASES.values(), ids=GQA_CASES.keys())
+def test_grouped_query_output_and_grads_match_float64_reference(case, attention):
+    """k, v with fewer heads than q: output and dq in q's shape, dk and dv in k's (summed over each group)."""
+    seed = fresh_seed()
+    batch, q_len, kv_len, heads, kv_heads, head_dim, causal = case
+    inputs = random_inputs(seed, batch, q_len, kv_len, heads, head_dim, jnp.float32, kv_heads=kv_heads)
+    results = jax.jit(lambda *a: output_and_grads(attention, *a))(*inputs)
+    expected = float64_reference(*inputs, causal, None)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), results, expected, strict=True):
+        assert got.dtype == jnp.float32 and got.shape == want.shape, (name, got.shape, f"seed {seed}")
+        assert relative_error(got, want) <= 1e-5, (name, relative_error(got, want), f"seed {seed}")
+
+
 @pytest.mark.parametrize("backend,platform", [("gpu", "cuda"), ("tpu", "tpu")])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_lowers_to_triton_and_mosaic_kernels(monkeypatch, backend, platform, dtype):
-    """Forward and backward lower for GPU (Triton) and TPU (Mosaic) from this CPU: three kernels each.
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_lowers_to_triton_and_mosaic_kernels(monkeypatch, backend, platform, dtype, kv_heads):
+    """Forward and backward lower for GPU (Triton) and TPU (Mosaic) from this CPU: three kernels each, with
+    4 query heads and 4 or 2 (grouped-query) kv heads.
 
     This checks Pallas' lowering to the backend's kernel IR only; compiling and running it needs the device.
     """
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     shape = jax.ShapeDtypeStruct((2, 1000, 4, 80), dtype)
+    kv_shape = jax.ShapeDtypeStruct((2, 1000, kv_heads, 80), dtype)
 
     def forward_backward(q, k, v, d_out):
         return output_and_grads(lambda *a: flash_attention(*a, causal=True, scale=1 / 80), q, k, v, d_out)
@@ -124,7 +174,7 @@ def test_lowers_to_triton_and_mosaic_kernels(monkeypatch, backend, platform, dty
         jax.jit(forward_backward),
         platforms=[platform],
         disabled_checks=[export.DisabledSafetyCheck.custom_call(name) for name in kernel_calls],
-    )(shape, shape, shape, shape)
+    )(shape, kv_shape, kv_shape, shape)
     module = re.sub(r'ir = "[^"]*"', "", exported.mlir_module())  # drop the serialized kernel bodies
     assert sum(module.count(f"stablehlo.custom_call @{name}(") for name in kernel_calls) == 3
 

@@ -5,6 +5,11 @@ transposed to (batch, heads, seq, head_dim), the head dim is zero-padded to a po
 add nothing to q·k and give zero output columns that are sliced off) and the sequences are zero-padded to a
 multiple of the block size; padded keys are masked, padded query rows are sliced off (their cotangent is zero).
 Causal masking is top-left aligned, as `jnp.tril` in `jax.nn.dot_product_attention`: query i sees keys j <= i.
+
+Grouped-query attention is native: k and v may have kv_heads dividing heads, query head h using kv head
+h // per_kv (per_kv = heads // kv_heads). The forward and dq kernels run per query head and fetch kv head
+h // per_kv through their BlockSpec; the dk/dv kernel runs per kv head and loops over its per_kv query heads,
+accumulating dk and dv in fp32.
 """
 
 import dataclasses
@@ -61,7 +66,9 @@ def flash_attention(
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
 ) -> jax.Array:
-    """softmax(scale · q kᵀ + causal mask) v for q (batch, q_len, heads, head_dim), k and v (batch, kv_len, heads, head_dim).
+    """softmax(scale · q kᵀ + causal mask) v for q (batch, q_len, heads, head_dim), k and v (batch, kv_len,
+    kv_heads, head_dim), kv_heads dividing heads: query head i uses kv head i // (heads // kv_heads) (grouped-query
+    attention; dk and dv come back in k's and v's shape).
 
     scale defaults to 1/sqrt(head_dim) (μP passes 1/head_dim). Scores, softmax statistics and accumulators are
     fp32; the output has q's dtype. interpret=None picks Pallas' interpreter on backends other than GPU and TPU.
@@ -198,16 +205,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, confi
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, config: _Config):
+    """dk, dv of one key block, summed over the per_kv query heads (the leading axis of q_ref … delta_ref)."""
     block_q, block_k = config.blocks.q_backward, config.blocks.k_backward
     k_start = pl.program_id(2) * block_k
     k, v = k_ref[...], v_ref[...]
     precision = _precision(k.dtype)
 
-    def step(i, carry):
+    def step(head, i, carry):
         dk, dv = carry
         q_start = i * block_q
         rows = pl.ds(q_start, block_q)
-        q, do, lse, delta = q_ref[rows, :], do_ref[rows, :], lse_ref[rows, :], delta_ref[rows, :]
+        q, do = q_ref[head, rows, :], do_ref[head, rows, :]
+        lse, delta = lse_ref[head, rows, :], delta_ref[head, rows, :]
         scores = config.scale * _matmul(q, k, (1, 1), precision)
         visible = _visible(q_start, k_start, scores.shape, config)
         probs = jnp.where(visible, jnp.exp(scores - lse), 0.0)
@@ -218,8 +227,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         return dk, dv
 
     first = lax.div(k_start, block_q) if config.causal else 0  # earlier query blocks cannot see these keys
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    dk, dv = lax.fori_loop(first, pl.cdiv(config.q_len, block_q), step, (zeros, zeros))
+    dk = dv = jnp.zeros(k.shape, jnp.float32)
+    for head in range(q_ref.shape[0]):  # the query heads sharing this kv head (one without grouped queries)
+        step_head = functools.partial(step, head)
+        dk, dv = lax.fori_loop(first, pl.cdiv(config.q_len, block_q), step_head, (dk, dv))
     dk_ref[...] = (config.scale * dk).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -242,19 +253,29 @@ def _row_block(block, dim):
     return pl.BlockSpec((None, None, block, dim), lambda b, h, i: (b, h, i, 0))
 
 
-def _whole_sequence(seq, dim):
-    """BlockSpec of a whole (seq, dim) slice of a (batch, heads, seq, dim) array, for in-kernel loops."""
-    return pl.BlockSpec((None, None, seq, dim), lambda b, h, i: (b, h, 0, 0))
+def _whole_sequence(seq, dim, per_kv=1):
+    """BlockSpec of a whole (seq, dim) slice of a (batch, kv_heads, seq, dim) array, for in-kernel loops, in a
+    grid over query heads h: kv head h // per_kv (lax.div, exact for h >= 0: jnp's floor division adds a sign op
+    whose Mosaic lowering needs a TPU at hand)."""
+    return pl.BlockSpec((None, None, seq, dim), lambda b, h, i: (b, lax.div(h, per_kv), 0, 0))
+
+
+def _head_group(per_kv, seq, dim):
+    """BlockSpec of the per_kv query heads' whole (per_kv, seq, dim) slice of a (batch, heads, seq, dim) array in a
+    grid over kv heads: kv head h serves query heads h·per_kv … h·per_kv + per_kv - 1."""
+    return pl.BlockSpec((None, per_kv, seq, dim), lambda b, h, i: (b, h, 0, 0))
 
 
 def _forward(q, k, v, config: _Config):
     batch, heads, q_seq, dim = q.shape
-    kv_seq = k.shape[2]
+    kv_heads, kv_seq = k.shape[1:3]
+    per_kv = heads // kv_heads
     block_q = config.blocks.q
+    kv_spec = _whole_sequence(kv_seq, dim, per_kv)
     return pl.pallas_call(
         functools.partial(_forward_kernel, config=config),
         grid=(batch, heads, q_seq // block_q),
-        in_specs=[_row_block(block_q, dim), _whole_sequence(kv_seq, dim), _whole_sequence(kv_seq, dim)],
+        in_specs=[_row_block(block_q, dim), kv_spec, kv_spec],
         out_specs=[_row_block(block_q, dim), _row_block(block_q, 1)],
         out_shape=[
             jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -268,7 +289,8 @@ def _forward(q, k, v, config: _Config):
 
 def _backward(q, k, v, out, lse, d_out, config: _Config):
     batch, heads, q_seq, dim = q.shape
-    kv_seq = k.shape[2]
+    kv_heads, kv_seq = k.shape[1:3]
+    per_kv = heads // kv_heads
     block_q, block_k = config.blocks.q_backward, config.blocks.k_backward
     delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1, keepdims=True)
     params = _compiler_params(config, dim)
@@ -278,8 +300,8 @@ def _backward(q, k, v, out, lse, d_out, config: _Config):
         grid=(batch, heads, q_seq // block_q),
         in_specs=[
             _row_block(block_q, dim),
-            _whole_sequence(kv_seq, dim),
-            _whole_sequence(kv_seq, dim),
+            _whole_sequence(kv_seq, dim, per_kv),
+            _whole_sequence(kv_seq, dim, per_kv),
             _row_block(block_q, dim),
             _row_block(block_q, 1),
             _row_block(block_q, 1),
@@ -293,14 +315,14 @@ def _backward(q, k, v, out, lse, d_out, config: _Config):
 
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, config=config),
-        grid=(batch, heads, kv_seq // block_k),
+        grid=(batch, kv_heads, kv_seq // block_k),
         in_specs=[
-            _whole_sequence(q_seq, dim),
+            _head_group(per_kv, q_seq, dim),
             _row_block(block_k, dim),
             _row_block(block_k, dim),
-            _whole_sequence(q_seq, dim),
-            _whole_sequence(q_seq, 1),
-            _whole_sequence(q_seq, 1),
+            _head_group(per_kv, q_seq, dim),
+            _head_group(per_kv, q_seq, 1),
+            _head_group(per_kv, q_seq, 1),
         ],
         out_specs=[_row_block(block_k, dim), _row_block(block_k, dim)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],

@@ -6,10 +6,14 @@ entirely above the diagonal are skipped, and the last block is cut at the query 
 max, sum and output in fp32. The forward saves only the output and the per-row logsumexp; the backward
 recomputes each block's probabilities. The block loops are unrolled at trace time (static shapes, any sequence
 length, no padding), so XLA sees plain batched matmuls of (block_q × head_dim) · (head_dim × block_k); the
-(batch · head) rows go through in groups (a lax.map) small enough that one block's fp32 scores stay in cache.
+(batch · kv head) rows go through in groups (a lax.map) small enough that one block's fp32 scores stay in cache.
 
 Layout (batch, seq, heads, head_dim) as `jax.nn.dot_product_attention`; causal masking is top-left aligned
-(query i sees keys j <= i).
+(query i sees keys j <= i). Grouped-query attention is native: k and v may have kv_heads dividing heads, query
+head i using kv head i // (heads // kv_heads). Inside, k and v are (batch, kv_heads, seq, head_dim) and q is
+(batch, kv_heads, per_kv, seq, head_dim) with per_kv = heads // kv_heads query heads per kv head, contracted with
+it in one matmul (dk and dv sum over them as they go); with per_kv = 1 that axis is left out, so the einsums'
+`...` is either per_kv or nothing, and equal heads run the plain multi-head computation.
 """
 
 import dataclasses
@@ -31,7 +35,7 @@ class _Config:
     scale: float
     block_q: int
     block_k: int
-    group: int  # (batch · head) rows per loop iteration
+    group: int  # (batch · kv head) rows per loop iteration
 
 
 def blockwise_attention(
@@ -44,19 +48,24 @@ def blockwise_attention(
     block_q: int = 64,
     block_k: int = 256,
 ) -> jax.Array:
-    """softmax(scale · q kᵀ + causal mask) v for q (batch, q_len, heads, head_dim), k and v (batch, kv_len, heads,
-    head_dim); scale defaults to 1/sqrt(head_dim). Scores and softmax statistics are fp32; the output has q's
-    dtype. block_q, block_k: rows and keys per block (any positive sizes; the last block may be shorter)."""
+    """softmax(scale · q kᵀ + causal mask) v for q (batch, q_len, heads, head_dim), k and v (batch, kv_len,
+    kv_heads, head_dim), kv_heads dividing heads (query head i uses kv head i // (heads // kv_heads)); scale
+    defaults to 1/sqrt(head_dim). Scores and softmax statistics are fp32; the output has q's dtype. block_q,
+    block_k: rows and keys per block (any positive sizes; the last block may be shorter)."""
     scale = checked_scale("blockwise_attention", q, k, v, scale)
     if block_q < 1 or block_k < 1:
         raise ValueError(f"blockwise_attention: block sizes must be positive, got {block_q}, {block_k}")
-    rows = q.shape[0] * q.shape[2]
-    fitting = max(1, SCORE_CACHE_BYTES // (4 * min(block_q, q.shape[1]) * min(block_k, k.shape[1])))
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    per_kv = heads // kv_heads  # query heads per kv head
+    rows = batch * kv_heads
+    block_scores = 4 * per_kv * min(block_q, q_len) * min(block_k, k.shape[1])
+    fitting = max(1, SCORE_CACHE_BYTES // block_scores)
     group = max(d for d in range(1, min(rows, fitting) + 1) if rows % d == 0)
     config = _Config(causal, scale, block_q, block_k, group)
-    heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # (batch, heads, seq, head_dim)
-    out = _attention(heads_first(q), heads_first(k), heads_first(v), config)
-    return heads_first(out)
+    grouped = q.reshape(batch, q_len, kv_heads, per_kv, head_dim) if per_kv > 1 else q
+    out = _attention(jnp.moveaxis(grouped, 1, -2), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), config)
+    return jnp.moveaxis(out, -2, 1).reshape(q.shape)
 
 
 def _spans(end: int, size: int) -> list[tuple[int, int]]:
@@ -70,9 +79,9 @@ def _key_spans(q_stop: int, kv_len: int, config: _Config) -> list[tuple[int, int
 
 
 def _scores(q_block, k_block, q_start: int, k_start: int, config: _Config) -> jax.Array:
-    """fp32 scale · q kᵀ of one block pair (batch, heads, rows, keys), future keys masked to -inf."""
+    """fp32 scale · q kᵀ of one block pair (batch, kv_heads, [per_kv,] rows, keys), future keys masked to -inf."""
     scores = config.scale * jnp.einsum(
-        "bhqd,bhkd->bhqk", q_block, k_block, preferred_element_type=jnp.float32
+        "bh...qd,bhkd->bh...qk", q_block, k_block, preferred_element_type=jnp.float32
     )
     rows, keys = scores.shape[-2:]
     if config.causal and k_start + keys - 1 > q_start:  # the block reaches above the diagonal
@@ -82,10 +91,10 @@ def _scores(q_block, k_block, q_start: int, k_start: int, config: _Config) -> ja
 
 
 def _forward(q, k, v, config: _Config):
-    """Output (batch, heads, q_len, head_dim) and per-row logsumexp (batch, heads, q_len) in fp32."""
+    """Output like q (batch, kv_heads, [per_kv,] q_len, head_dim) and its per-row logsumexp (…, q_len) in fp32."""
     outputs, logsumexps = [], []
-    for q_start, q_stop in _spans(q.shape[2], config.block_q):
-        q_block = q[:, :, q_start:q_stop]
+    for q_start, q_stop in _spans(q.shape[-2], config.block_q):
+        q_block = q[..., q_start:q_stop, :]
         row_max = row_sum = acc = None
         for k_start, k_stop in _key_spans(q_stop, k.shape[2], config):
             scores = _scores(q_block, k[:, :, k_start:k_stop], q_start, k_start, config)
@@ -93,7 +102,7 @@ def _forward(q, k, v, config: _Config):
             new_max = block_max if row_max is None else jnp.maximum(row_max, block_max)
             probs = jnp.exp(scores - new_max[..., None])
             pv = jnp.einsum(
-                "bhqk,bhkd->bhqd",
+                "bh...qk,bhkd->bh...qd",
                 probs.astype(v.dtype),
                 v[:, :, k_start:k_stop],
                 preferred_element_type=jnp.float32,
@@ -107,46 +116,51 @@ def _forward(q, k, v, config: _Config):
             row_max = new_max
         outputs.append((acc / row_sum[..., None]).astype(q.dtype))
         logsumexps.append(row_max + jnp.log(row_sum))
-    return jnp.concatenate(outputs, axis=2), jnp.concatenate(logsumexps, axis=2)
+    return jnp.concatenate(outputs, axis=-2), jnp.concatenate(logsumexps, axis=-1)
 
 
 def _backward(q, k, v, out, logsumexp, d_out, config: _Config):
-    """Gradients for q, k, v from the saved output and logsumexp, probabilities recomputed per block pair."""
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (batch, heads, q_len)
+    """Gradients for q, k, v from the saved output and logsumexp, probabilities recomputed per block pair; dk and
+    dv sum over the query heads sharing each kv head."""
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # like logsumexp
     d_q_blocks = []
     d_k = jnp.zeros(k.shape, jnp.float32)
     d_v = jnp.zeros(v.shape, jnp.float32)
-    for q_start, q_stop in _spans(q.shape[2], config.block_q):
-        q_block, do_block = q[:, :, q_start:q_stop], d_out[:, :, q_start:q_stop]
-        lse_block, delta_block = logsumexp[:, :, q_start:q_stop, None], delta[:, :, q_start:q_stop, None]
+    for q_start, q_stop in _spans(q.shape[-2], config.block_q):
+        q_block, do_block = q[..., q_start:q_stop, :], d_out[..., q_start:q_stop, :]
+        lse_block, delta_block = logsumexp[..., q_start:q_stop, None], delta[..., q_start:q_stop, None]
         d_q_block = None
         for k_start, k_stop in _key_spans(q_stop, k.shape[2], config):
             k_block, v_block = k[:, :, k_start:k_stop], v[:, :, k_start:k_stop]
             probs = jnp.exp(_scores(q_block, k_block, q_start, k_start, config) - lse_block)
             d_v = d_v.at[:, :, k_start:k_stop].add(
                 jnp.einsum(
-                    "bhqk,bhqd->bhkd",
+                    "bh...qk,bh...qd->bhkd",
                     probs.astype(do_block.dtype),
                     do_block,
                     preferred_element_type=jnp.float32,
                 )
             )
-            d_probs = jnp.einsum("bhqd,bhkd->bhqk", do_block, v_block, preferred_element_type=jnp.float32)
+            d_probs = jnp.einsum(
+                "bh...qd,bhkd->bh...qk", do_block, v_block, preferred_element_type=jnp.float32
+            )
             d_scores = (probs * (d_probs - delta_block) * config.scale).astype(q.dtype)
             d_k = d_k.at[:, :, k_start:k_stop].add(
-                jnp.einsum("bhqk,bhqd->bhkd", d_scores, q_block, preferred_element_type=jnp.float32)
+                jnp.einsum("bh...qk,bh...qd->bhkd", d_scores, q_block, preferred_element_type=jnp.float32)
             )
-            dq_part = jnp.einsum("bhqk,bhkd->bhqd", d_scores, k_block, preferred_element_type=jnp.float32)
+            dq_part = jnp.einsum(
+                "bh...qk,bhkd->bh...qd", d_scores, k_block, preferred_element_type=jnp.float32
+            )
             d_q_block = dq_part if d_q_block is None else d_q_block + dq_part
         d_q_blocks.append(d_q_block)
-    d_q = jnp.concatenate(d_q_blocks, axis=2)
+    d_q = jnp.concatenate(d_q_blocks, axis=-2)
     return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
 
 
 def _in_groups(fn, arrays, config: _Config):
-    """fn over `config.group` (batch · head) rows at a time (lax.map), so each block's scores stay in cache.
+    """fn over `config.group` (batch · kv head) rows at a time (lax.map), so each block's scores stay in cache.
 
-    arrays are (batch, heads, …); fn sees (group, 1, …) and returns arrays of that form."""
+    arrays are (batch, kv_heads, …); fn sees (group, 1, …) and returns arrays of that form."""
     batch, heads = arrays[0].shape[:2]
     groups = batch * heads // config.group
     grouped = [x.reshape(groups, config.group, 1, *x.shape[2:]) for x in arrays]

@@ -15,9 +15,13 @@ def _compute_dtype(dtype):
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True, scale: float | None = None):
-    """softmax(scale · q kᵀ) v with (batch, seq, heads, head_dim) inputs; causal = top-left `tril` mask."""
+    """softmax(scale · q kᵀ) v with (batch, seq, heads, head_dim) inputs; causal = top-left `tril` mask.
+
+    k and v may have fewer heads (grouped-query attention): each kv head is repeated for heads // kv_heads
+    consecutive query heads, as Hugging Face's `repeat_kv` (so their gradients sum over those query heads)."""
     dtype = _compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k, v = (jnp.repeat(x, q.shape[2] // k.shape[2], axis=2) for x in (k, v))
     scores = scale * jnp.einsum("bqhd,bkhd->bhqk", q.astype(dtype), k.astype(dtype))
     if causal:
         visible = jnp.tril(jnp.ones(scores.shape[-2:], dtype=bool))
