@@ -39,6 +39,10 @@ def test_bad_input_is_one_line_and_status_1(tmp_path):
             ("--config=cpu_tiny", "--config.train.final_eval=validation,train"),
             "train.final_eval='validation,train' must name each of ('validation', 'test') at most once",
         ),
+        (
+            ("--config=llama_111m", "--config.model.kv_heads=5", "--dry_run"),
+            "model.kv_heads=5 must divide model.n_heads=12",
+        ),
     ]:
         out = _run(*args, f"--workdir={tmp_path / 'x'}", cwd=REPO)
         assert out.returncode == 1, out.stderr[-2000:]

@@ -1,7 +1,7 @@
 """Sparse pre-training: gradual global magnitude pruning of the Dense kernels, as an optax wrapper.
 
-What is pruned: every Dense kernel (QKV, attn-out, fc1, fc2; the head is tied to the token embedding here, so
-it is not a kernel). Embeddings, LayerNorms and biases always stay dense.
+What is pruned: every Dense kernel of the blocks (QKV or Q and K/V, attn-out, fc1, SwiGLU's gate, fc2). The
+head, tied or untied, embeddings, norms and biases always stay dense.
 
 When: the schedule of pruning events and kept fractions (`Schedule`, `schedule_for`) is analytic and lives with
 the FLOP counts (chinchax.model.flops), so the planner and the dry run count the FLOPs a sparse run spends; the
