@@ -1,12 +1,14 @@
-"""Convert between Hugging Face GPT-2-architecture checkpoints and chinchax runs.
+"""Convert between Hugging Face checkpoints (GPT-2 and Llama architectures) and chinchax runs.
 
     python -m experiments.convert --from_hf=HF_DIR --workdir=DIR      # import (e.g. cerebras/Cerebras-GPT-*)
     python -m experiments.convert --workdir=DIR --to_hf=HF_DIR [--step=N]   # export an SP run
 
-Import writes DIR/config.json and a step-0 checkpoint that `experiments.run`, `experiments.evaluate` and
-`experiments.sample` read. Export writes config.json, model.safetensors (and the GPT-2 tokenizer files for
-gpt2 runs) that `transformers.GPT2LMHeadModel.from_pretrained` loads; μP runs are refused. Prints one JSON
-line last: direction, paths, config name, parameter count.
+Import reads a GPT2LMHeadModel / GPT2Model or a LlamaForCausalLM folder (config.json's model_type says which;
+safetensors or .bin, one file or shards) and writes DIR/config.json and a step-0 checkpoint that
+`experiments.run`, `experiments.evaluate` and `experiments.sample` read. Export writes config.json,
+model.safetensors (and the GPT-2 tokenizer files for gpt2 runs): a GPT-3 block as GPT2LMHeadModel, a block with
+RMSNorm, rotary positions and a SwiGLU MLP as LlamaForCausalLM; μP runs and blocks neither class holds are
+refused. Prints one JSON line last: direction, paths, config name, parameter count.
 """
 
 import json
