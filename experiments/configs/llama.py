@@ -6,6 +6,7 @@ shapes, trained the same way for 20 tokens per parameter of its own count.
 also its own `model.*` field, for ablations one at a time).
 """
 
+from chinchax.config import kv_heads
 from experiments.configs import cerebras_gpt
 
 # The block's switches; kv_heads comes from KV_GROUP.
@@ -36,5 +37,9 @@ def get_config(name: str = "llama_1.3b"):
     cfg = cerebras_gpt.get_config(f"chinchilla_{size}")
     cfg.name = name
     llama_block(cfg.model)
+    if (
+        kv_heads(cfg.model) % 2
+    ):  # 111M's and 590M's 3 kv heads do not split over tensor parallelism: FSDP instead
+        cfg.mesh.tensor = 1
     cfg.train.tokens = 0  # tokens_per_param (20) of this block's own parameter count
     return cfg

@@ -14,6 +14,7 @@ import math
 import jax
 import ml_collections
 
+from chinchax.config import d_ffn, kv_heads
 from chinchax.model import flops, gpt
 from chinchax.parallel import hardware, memory_plan, mesh, perf_model
 
@@ -43,11 +44,24 @@ def tree_param_count(model_cfg: ml_collections.ConfigDict) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
 
 
+def paper_formula(model: ml_collections.ConfigDict) -> dict:
+    """{'paper_formula_params': the paper's App. E count} for the GPT-3 block it counts (LayerNorm, learned
+    positions, a GELU MLP of 4·d, a K/V head per query head, biases, the head tied to the embedding); {} for any
+    other block, whose parameters the formula does not count."""
+    switches = (model.norm, model.position, model.mlp, model.bias, model.tie_embeddings)
+    plain = kv_heads(model) == model.n_heads and d_ffn(model) == 4 * model.d_model
+    if not (plain and switches == ("layernorm", "learned", "gelu", True, True)):
+        return {}
+    count = flops.paper_param_count(model.vocab_size, model.max_positions, model.d_model, model.n_layers)
+    return {"paper_formula_params": count}
+
+
 def report(
     cfg: ml_collections.ConfigDict, devices: int | None = None
 ) -> tuple[dict, ml_collections.ConfigDict]:
     """(the plan as a JSON-ready dict (DESIGN.md's dry-run contract), cfg with 'auto' resolved) on cfg's mesh
-    preset over `devices` (default: the preset's count, else the visible devices)."""
+    preset over `devices` (default: the preset's count, else the visible devices); `paper_formula_params` only for the
+    GPT-3 block (`paper_formula`)."""
     preset = mesh.preset(cfg.mesh.preset)
     count = devices or preset.devices or jax.device_count()
     sizes = mesh.mesh_shape(cfg.mesh, count)
@@ -60,9 +74,7 @@ def report(
         "parametrization": cfg.model.parametrization,
         **dataclasses.asdict(plan),
         "params": tree_param_count(resolved.model),
-        "paper_formula_params": flops.paper_param_count(
-            cfg.model.vocab_size, cfg.model.max_positions, cfg.model.d_model, cfg.model.n_layers
-        ),
+        **paper_formula(cfg.model),
         "microbatches": choice.microbatches,
         "remat": choice.remat,
         "compute_dtype": cfg.model.compute_dtype,

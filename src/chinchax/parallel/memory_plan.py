@@ -25,7 +25,7 @@ import jax
 import ml_collections
 from jax.sharding import NamedSharding
 
-from chinchax.config import AUTO, REMATS, ConfigError, batch_schedule, d_ffn
+from chinchax.config import AUTO, REMATS, ConfigError, batch_schedule, d_ffn, d_head, kv_heads
 from chinchax.model import gpt
 from chinchax.parallel import hardware, mesh
 
@@ -42,9 +42,11 @@ class MemoryPlan:
     params: int  # fp32 parameter shards
     optimizer: int  # fp32 Adam μ and ν shards
     gradients: int  # fp32 gradient shards, the accumulator when microbatches > 1, the update
-    gathered_weights: (
-        int  # one block's weights gathered over fsdp (compute dtype) + their fp32 grads, embedding
-    )
+    # one block's weights gathered over fsdp (compute dtype, two buffers) + their fp32 grads; the logits' matrix
+    # (tied embedding or untied head) and a position table in the compute dtype + fp32 grads. An untied token
+    # embedding is not counted on top: it is looked up and its gradient made at the other end of the step, when
+    # the head's are gone (measured on the CPU compile: XLA holds one vocabulary-sized matrix and gradient)
+    gathered_weights: int
     activations: int  # kept for the backward pass under the remat policy, plus one block's working set
     logits: int  # fp32 logits and their gradient (dense loss; the log-softmax fuses into them)
     inputs: int  # int32 tokens and targets of the step
@@ -72,19 +74,46 @@ class MemoryPlan:
         return computed + (self.state_and_update if self.holds_state else 0)
 
 
+def _shard_elements(cfg: ml_collections.ConfigDict, sizes: dict[str, int]) -> list[tuple[tuple, int]]:
+    """(path keys, elements one device holds) of every parameter on a mesh of these axis sizes (by the rules)."""
+    abstract = mesh.abstract_mesh_of(sizes)
+    specs = mesh.leaves(mesh.param_specs(cfg, abstract))
+    shapes = jax.tree_util.tree_leaves_with_path(gpt.param_shapes(cfg.model))
+    return [
+        (
+            tuple(getattr(k, "key", None) for k in path),
+            math.prod(NamedSharding(abstract, spec).shard_shape(shape.shape)),
+        )
+        for spec, (path, shape) in zip(specs, shapes, strict=True)
+    ]
+
+
 def param_shard_elements(
     cfg: ml_collections.ConfigDict, sizes: dict[str, int], kernels_only: bool = False
 ) -> int:
     """Parameter elements one device holds on a mesh of these axis sizes (by the logical-axis rules); with
     kernels_only, those of the Dense kernels (what a sparse run prunes)."""
-    abstract = mesh.abstract_mesh_of(sizes)
-    specs = mesh.leaves(mesh.param_specs(cfg, abstract))
-    shapes = jax.tree_util.tree_leaves_with_path(gpt.param_shapes(cfg.model))
-    return sum(
-        math.prod(NamedSharding(abstract, spec).shard_shape(shape.shape))
-        for spec, (path, shape) in zip(specs, shapes, strict=True)
-        if not kernels_only or getattr(path[-1], "key", None) == "kernel"
-    )
+    return sum(n for path, n in _shard_elements(cfg, sizes) if not kernels_only or path[-1] == "kernel")
+
+
+@dataclasses.dataclass(frozen=True)
+class Gathered:
+    """Parameter elements one device holds once they are gathered over 'fsdp' (split over 'tensor' alone),
+    from the real parameter shapes, so every switch counts: GQA's smaller K/V, SwiGLU's gate, no biases,
+    RMSNorm's gain alone, a position table or none, an untied head."""
+
+    block: int  # one block's
+    outside: int  # the logits' matrix (tied embedding or untied head), a position table, the final norm
+    lookup: int  # an untied model's token embedding, only looked up and its gradient written (0 when tied)
+
+
+def gathered_elements(cfg: ml_collections.ConfigDict, tensor: int) -> Gathered:
+    """What one device gathers of cfg's parameters on a mesh whose tensor axis has this size."""
+    by_path = _shard_elements(cfg, {"data": 1, "fsdp": 1, "tensor": tensor})
+    blocks = sum(n for path, n in by_path if path[0] == "blocks")
+    lookup = 0 if cfg.model.tie_embeddings else sum(n for path, n in by_path if path[0] == "token_embed")
+    rest = sum(n for _, n in by_path) - blocks - lookup
+    return Gathered(blocks // cfg.model.n_layers, rest, lookup)
 
 
 def _compute_bytes(model: ml_collections.ConfigDict) -> int:
@@ -95,48 +124,59 @@ def _compute_bytes(model: ml_collections.ConfigDict) -> int:
 def activation_bytes(cfg: ml_collections.ConfigDict, sequences: int, tensor: int, remat: str) -> int:
     """Activations one device keeps for the backward pass of `sequences` sequences, and one block's working set.
 
-    Per token and block: the residual stream and two LayerNorm outputs (fp32 statistics), Q/K/V, the attention
-    output, the MLP's two hidden activations (heads and mlp split over `tensor`), and for the 'xla' attention
-    the fp32 logits and softmax with the compute-dtype weights (heads × seq per token). 'dots' keeps only the
-    weight matmuls' outputs and the block input; 'full' keeps the block input; both recompute one block.
+    Per token and block: the residual stream and the two norms' outputs (fp32; RMSNorm keeps what LayerNorm
+    does), Q, K and V (K and V for kv_heads heads: fewer under grouped-query attention; under rotary
+    positions the rotated Q and K, which take their place: the rotation's backward needs only its cos/sin
+    tables), the attention output, the MLP's hidden activations (GELU's input and output, or SwiGLU's gate,
+    up and their product), all split over `tensor`; for the 'xla' attention the fp32 logits and softmax with
+    the compute-dtype weights (heads × seq per token). 'dots' keeps only the weight matmuls' outputs (Q, K/V,
+    fc1 and a SwiGLU gate split over `tensor`; attn-out and fc2) and the block input; 'full' keeps the block
+    input; both recompute one block.
     """
     m, s = cfg.model, cfg.data.seq_len
     width = _compute_bytes(m)
     d, f, tokens = m.d_model, d_ffn(m), sequences * s
+    kv = 2 * kv_heads(m) * d_head(m)  # K and V per token
+    mlp_inputs, mlp_hidden = (2, 3) if m.mlp == "swiglu" else (1, 2)  # matmuls into the hidden width; kept
     scores = m.n_heads / tensor * s * (2 * FP32 + width) if m.attention == "xla" else 0
-    block = tokens * (d * (2 * width + 2 * FP32) + (4 * d + 2 * f) / tensor * width + scores)
+    split = 2 * d + kv + mlp_hidden * f  # Q, K/V, the attention output, the MLP's hidden activations
+    block = tokens * (d * (2 * width + 2 * FP32) + split / tensor * width + scores)
     block_input = tokens * d * width
-    matmul_outputs = tokens * ((3 * d + f) / tensor * width + 2 * d * width)
+    matmul_outputs = tokens * ((d + kv + mlp_inputs * f) / tensor * width + 2 * d * width)
     kept = {"none": block, "dots": block_input + matmul_outputs, "full": block_input}[remat]
     return int(m.n_layers * kept + (0 if remat == "none" else block))
 
 
 def plan(
-    cfg: ml_collections.ConfigDict, sizes: dict[str, int], device: hardware.Device, shard_elements: int
+    cfg: ml_collections.ConfigDict,
+    sizes: dict[str, int],
+    device: hardware.Device,
+    shard_elements: int,
+    gathered: Gathered | None = None,
 ) -> MemoryPlan:
     """The memory plan of cfg (concrete microbatches and remat) on a mesh of these axis sizes.
 
-    shard_elements: `param_shard_elements(cfg, sizes)` (independent of microbatches and remat: pass it in).
+    shard_elements: `param_shard_elements(cfg, sizes)`; gathered: `gathered_elements(cfg, sizes["tensor"])`,
+    computed when not given (both independent of microbatches and remat: pass them in).
     """
     m = cfg.model
     width = _compute_bytes(m)
     tensor = sizes["tensor"]
+    if gathered is None:
+        gathered = gathered_elements(cfg, tensor)
     vocab_split = 1 if "vocab" in mesh.preset(cfg.mesh.preset).replicated else tensor
     shards = sizes["data"] * sizes["fsdp"]
     micro = cfg.train.batch_size // cfg.train.microbatches
     sequences = -(-micro // shards)  # per device; a ramp keeps the microbatch size
     largest_step = max(size for _, size in batch_schedule(cfg.train))
     shard_bytes = shard_elements * FP32
-    d, f = m.d_model, d_ffn(m)
-    block_weights = (4 * d * d + 2 * d * f) / tensor + 9 * d + f
-    embedding = (m.vocab_size / vocab_split + m.max_positions) * d
     logits_width = m.vocab_size / vocab_split if m.loss == "dense" else 0
     kernels = param_shard_elements(cfg, sizes, kernels_only=True) if cfg.sparsity.target > 0 else 0
     return MemoryPlan(
         params=shard_bytes,
         optimizer=2 * shard_bytes,
         gradients=shard_bytes * (3 if cfg.train.microbatches > 1 else 2),
-        gathered_weights=int(2 * block_weights * width + block_weights * FP32 + embedding * (width + FP32)),
+        gathered_weights=(2 * width + FP32) * gathered.block + (width + FP32) * gathered.outside,
         activations=activation_bytes(cfg, sequences, tensor, m.remat),
         logits=int(2 * sequences * cfg.data.seq_len * logits_width * FP32),
         inputs=2 * largest_step // shards * cfg.data.seq_len * 4,
@@ -190,12 +230,13 @@ def choose(
     auto_count = cfg.train.microbatches == AUTO
     counts = microbatch_counts(cfg, shards) if auto_count else [cfg.train.microbatches]
     remats = REMATS if cfg.model.remat == "auto" else (cfg.model.remat,)
-    elements = param_shard_elements(_with(cfg, counts[0], remats[0]), sizes)
+    first = _with(cfg, counts[0], remats[0])
+    elements, gathered = param_shard_elements(first, sizes), gathered_elements(first, sizes["tensor"])
     tried = []  # (count, remat, total bytes, resolved config, plan)
     for count in counts:
         for remat in remats:
             candidate = _with(cfg, count, remat)
-            memory = plan(candidate, sizes, device, elements)
+            memory = plan(candidate, sizes, device, elements, gathered)
             tried.append((count, remat, memory.total, candidate, memory))
             if memory.total <= budget:
                 return candidate, Choice(

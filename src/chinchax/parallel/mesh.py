@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from chinchax.config import ConfigError
+from chinchax.config import ConfigError, kv_heads
 from chinchax.model import gpt
 from chinchax.parallel import hardware
 
@@ -38,6 +38,11 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),  # the scan axis: each step of the scan gathers one layer
     ("embed", "fsdp"),  # parameters: every weight matrix has an embed dimension to shard (FSDP)
     ("heads", "tensor"),
+    # Grouped-query attention's key/value heads split over 'tensor' beside the query heads that read them
+    # (MaxText's rule; gpt.per_shard hands each device its own kv heads). A kv head count the tensor axis does
+    # not divide is refused (`check_heads`), as Megatron refuses num_query_groups % tensor != 0, rather than
+    # replicated (vLLM's way at inference, which needs each device to pick its query heads' kv head).
+    ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
     ("vocab", "tensor"),  # presets whose vocabulary does not divide list it in Preset.replicated
@@ -80,8 +85,9 @@ PRESETS: dict[str, Preset] = {
                          (1, REST, 1)),
 }
 # fmt: on
-# The GPT-2 vocabulary (50257) and the byte vocabulary (257) are odd: with tensor parallelism the tied
-# embedding is sharded over 'fsdp' on its embed dimension only, and logits are split by batch only.
+# The GPT-2 vocabulary (50257) and the byte vocabulary (257) are odd: with tensor parallelism the token
+# embedding (and an untied head) is sharded over 'fsdp' on its embed dimension only, and logits are split by
+# batch only.
 
 
 def preset(name: str) -> Preset:
@@ -154,8 +160,28 @@ def _axes_size(mesh: Mesh | AbstractMesh, axes: str | tuple[str, ...] | None) ->
     return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
+def check_heads(cfg: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh) -> None:
+    """ConfigError (one line, naming the field) when the query or key/value heads do not split over the mesh
+    axes their rules give them ('tensor'), before any shape is traced."""
+    table = dict(rules(cfg.mesh))
+    m = cfg.model
+    for field, count, logical in (
+        ("model.n_heads", m.n_heads, "heads"),
+        ("model.kv_heads", kv_heads(m), "kv_heads"),
+    ):
+        axes = table.get(logical)
+        if count % _axes_size(mesh, axes):
+            raise ConfigError(
+                f"config {cfg.name!r} on mesh {_describe(cfg.mesh, mesh)}: {field}={count} is not divisible by "
+                f"mesh axes {axes} = {_axes_size(mesh, axes)}; set --config.mesh.tensor=1 (FSDP instead) or "
+                f"{field} to a multiple of it"
+            )
+
+
 def param_specs(cfg: ml_collections.ConfigDict, mesh: Mesh | AbstractMesh) -> dict:
-    """The PartitionSpec of every parameter; ConfigError when a dimension does not divide its mesh axes."""
+    """The PartitionSpec of every parameter; ConfigError when the heads (`check_heads`) or any other dimension
+    do not divide their mesh axes."""
+    check_heads(cfg, mesh)
     logical = gpt.logical_axes(cfg.model)
     specs = nn.logical_to_mesh(logical, rules(cfg.mesh))
 

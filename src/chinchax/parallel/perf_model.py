@@ -14,11 +14,13 @@ cost analysis counts a scanned layer once, and the CPU compile of a dry run fuse
 the optimizer reads fp32 params, gradients and both Adam moments and writes params and moments (7 × 4 bytes per
 parameter shard element; none on a weight-streaming device, whose optimizer runs in MemoryX); with several
 microbatches the gradient accumulator is read and written per microbatch; per microbatch every gathered weight
-is read in the compute dtype by the forward, input-gradient and weight-gradient matmuls (and once more when
-remat 'full' recomputes the forward) and its fp32 gradient written once; every activation of the memory plan's
-working set (chinchax.parallel.memory_plan.activation_bytes, all layers, no remat) and the fp32 logits and their
-gradient are written once and read twice (by their consumer and by the backward pass), and what remat drops is
-written and read once more when recomputed. Kernels that read an array more often than that (unfused
+(memory_plan.gathered_elements: the real shapes, whatever the block's switches) is read in the compute dtype by
+the forward, input-gradient and weight-gradient matmuls (and once more when remat 'full' recomputes the forward)
+and its fp32 gradient written once, but for an untied model's token embedding, which is only looked up (rows, not
+counted) and its gradient written; every activation of the memory plan's working set
+(chinchax.parallel.memory_plan.activation_bytes, all layers, no remat) and the fp32 logits and their gradient are
+written once and read twice (by their consumer and by the backward pass), and what remat drops is written and
+read once more when recomputed. Kernels that read an array more often than that (unfused
 elementwise chains) move more, so the estimate errs low.
 
 `predict` turns per-device FLOPs, bytes accessed and collective bytes into a step time on a device of
@@ -253,7 +255,8 @@ def memory_traffic(
     shards = sizes["data"] * sizes["fsdp"]
     sequences = -(-(cfg.train.batch_size // microbatches) // shards)  # per device, padded as training pads
     shard = memory_plan.param_shard_elements(cfg, sizes)
-    gathered = memory_plan.param_shard_elements(cfg, {**sizes, "data": 1, "fsdp": 1})
+    gathered = memory_plan.gathered_elements(cfg, sizes["tensor"])
+    multiplied = m.n_layers * gathered.block + gathered.outside  # every element a matmul reads
     every = memory_plan.activation_bytes(cfg, sequences, sizes["tensor"], "none")
     kept = memory_plan.activation_bytes(cfg, sequences, sizes["tensor"], m.remat)
     if m.remat != "none":  # activation_bytes adds one block's working set to what remat keeps
@@ -263,7 +266,7 @@ def memory_traffic(
     traffic = {
         "optimizer": 7 * fp32 * shard if device.holds_state else 0,
         "gradient_accumulation": 2 * fp32 * shard * microbatches if microbatches > 1 else 0,
-        "weights": microbatches * gathered * (weight_reads * width + fp32),
+        "weights": microbatches * (multiplied * (weight_reads * width + fp32) + gathered.lookup * fp32),
         "activations": microbatches * (3 * every + 2 * max(0, every - kept)),
         "logits": microbatches * 3 * 2 * sequences * cfg.data.seq_len * m.vocab_size / split * fp32,
     }
