@@ -3,7 +3,7 @@
 
 local trains every pending point (experiments.run in a subprocess, output in ROOT/logs/<point>.log), then
 gathers ROOT/results.{csv,jsonl} (each point's wall, training and overhead seconds are also printed as a table)
-and runs the sweep's analysis (fit.json / mutransfer.json and PNGs in ROOT).
+and runs the sweep's analysis (fit.json / blocks.json / mutransfer.json / sparse.json and PNGs in ROOT).
 Points with summary.json are skipped, so rerunning resumes a sweep (a killed point from its checkpoint).
 ray does the same with each pending point as a Ray task holding its mesh preset's GPUs or TPUs (one CPU on
 the cpu preset; --ray_resources overrides), on the cluster at --ray_address or on a new local Ray instance.

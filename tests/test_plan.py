@@ -191,3 +191,77 @@ def test_planned_point_round_trips_through_the_dry_run():
     for key in ("params", "tokens", "train_flops", "flops_per_token"):
         assert report[key] == planned[key]
     assert report["train_flops"] == pytest.approx(7.3e11, rel=0.02)
+
+
+def llama_params(vocab: int, d: int, layers: int, heads: int, kv: int, multiple: int) -> int:
+    """The Llama block's parameter count written out (HF's LlamaForCausalLM, untied, no biases): embedding and
+    head V·d each, per layer q and o d², k and v d·kv·d_head each, SwiGLU's three d·ffn (ffn = 8/3·d rounded up
+    to `multiple`) and two RMSNorm gains, and the final gain."""
+    ffn = math.ceil(8 * d / 3 / multiple) * multiple
+    per_layer = 2 * d * d + 2 * d * kv * (d // heads) + 3 * d * ffn + 2 * d
+    return 2 * vocab * d + layers * per_layer + d
+
+
+def test_a_grouped_query_base_plans_shapes_that_keep_its_group():
+    """llama_111m (12 heads, 3 kv heads: 4 query heads per kv head) planned to a fresh 6ND budget: the planned
+    shape keeps 4 query heads per kv head, and it is the shape a brute-force search over every GQA shape at the
+    Cerebras aspect ratio picks with the parameter count written out here (N closest in log to √(C/120))."""
+    seed = int(np.random.SeedSequence().entropy % 2**31)
+    budget = 10.0 ** np.random.default_rng(seed).uniform(18.5, 21.0)
+    base = configs.get("llama_111m")
+    planned = plan.describe(base, plan.compute_optimal(base, "llama_111m", budget, count="6n"))
+    heads, kv = planned["n_heads"], planned["kv_heads"]
+    assert heads % 4 == 0 and kv == heads // 4 and planned["d_model"] == 64 * heads, (seed, planned)
+    assert planned["params"] == llama_params(
+        50257, planned["d_model"], planned["n_layers"], heads, kv, 256
+    ), (seed, planned)
+    assert 6.0 * planned["params"] * planned["tokens"] == pytest.approx(budget, rel=0.01), (seed, planned)
+    shapes = [
+        (d, layers, d // 64)
+        for d in range(256, 64 * 512 + 1, 256)  # heads a multiple of the group 4
+        for layers in range(1, 1000)
+        if 77 / 1.5 <= d / layers <= 77 * 1.5
+    ]
+    best = min(
+        shapes,
+        key=lambda s: abs(
+            math.log(llama_params(50257, s[0], s[1], s[2], s[2] // 4, 256) / math.sqrt(budget / 120))
+        ),
+    )
+    assert (planned["d_model"], planned["n_layers"], planned["n_heads"]) == best, (seed, budget, planned)
+
+
+@pytest.mark.parametrize("budget", [3e18, 7e19, 2e21])
+def test_a_grouped_query_base_spends_its_detailed_budget_at_twenty_tokens_per_param(budget):
+    base = configs.get("llama_111m")
+    point = plan.compute_optimal(base, "llama_111m", budget)
+    planned = plan.describe(base, point)
+    assert dict(point.overrides)["model.kv_heads"] == planned["n_heads"] // 4 == planned["kv_heads"]
+    assert planned["train_flops"] == pytest.approx(budget, rel=0.01)
+    assert planned["tokens_per_param"] == pytest.approx(20.0, rel=0.1)
+
+
+def test_candidate_shapes_skip_head_counts_the_group_does_not_divide():
+    for group in (1, 3):
+        widths = list(plan.candidate_shapes(8, group=group))
+        assert [shapes[0].n_heads for shapes in widths] == list(range(group, plan.MAX_HEADS + 1, group))
+        for shape in (s for shapes in widths for s in shapes):
+            assert shape.d_model == 8 * shape.n_heads
+            assert shape.kv_heads == (shape.n_heads // group if group > 1 else 0), shape
+
+
+def test_the_shape_sets_kv_heads_over_the_base_and_the_extras():
+    """A base whose kv_heads comes from the extras (cpu_tiny's 2 heads, 1 kv head: group 2) plans every point with
+    its own kv heads; a base with one kv head per query head set explicitly plans kv_heads back to 0."""
+    base = configs.get("cpu_tiny")
+    grouped = plan.isoflop_grid(
+        base, "cpu_tiny", 1e12, sizes=4, d_head=8, tolerance=3.0, extra=[("model.kv_heads", 1)]
+    )
+    for point in grouped:
+        cfg = plan.configure(base, point.overrides)
+        assert cfg.model.n_heads == 2 * cfg.model.kv_heads and cfg.model.n_heads % 2 == 0, point
+    base.model.kv_heads = 2  # one kv head per query head, set explicitly: group 1
+    point = plan.compute_optimal(base, "cpu_tiny", 1e12, d_head=16)
+    planned = plan.configure(base, point.overrides).model
+    assert planned.n_heads == 4 and planned.kv_heads == 0, point  # not 2 kv heads for 4 query heads
+    assert plan.describe(base, point)["train_flops"] == pytest.approx(1e12, rel=0.02)

@@ -369,7 +369,7 @@ def test_cli_unknown_sweep_is_one_line(tmp_path):
     assert out.returncode != 0
     assert (
         out.stderr.strip()
-        == "error: unknown sweep 'nope'; known: cpu_ladder, isoflop_cpu, mutransfer, smoke, sparse_cpu"
+        == "error: unknown sweep 'nope'; known: cpu_ladder, blocks_cpu, isoflop_cpu, mutransfer, smoke, sparse_cpu"
     )
 
 

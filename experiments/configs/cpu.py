@@ -1,4 +1,5 @@
-"""CPU-sized scale points: byte-level vocabulary, short sequences, Chinchilla-optimal token counts.
+"""CPU-sized scale points: byte-level vocabulary, short sequences, Chinchilla-optimal token counts; and the CPU
+recipe every CPU sweep (experiments/configs/sweeps.py, sparse_cpu.py) trains its points with.
 
 `get_config("cpu_default")` is what `python -m experiments.run` trains with no --config.
 """
@@ -6,6 +7,19 @@
 from chinchax.config import base_config
 
 SEQ = 256
+
+# CPU sweeps start from CPU_BASE (bytes, 256-token sequences) with CPU_RECIPE (8 × 256 tokens a step), pinned
+# here so a sweep's points do not move when the base point's defaults change.
+CPU_BASE = "cpu_tiny"
+CPU_RECIPE = (
+    ("train.batch_size", 8),
+    ("train.warmup_tokens", 20 * 8 * SEQ),
+    ("train.peak_lr", 3e-3),
+    ("train.decay", "cosine"),
+)
+# Every sweep's analysis (and the smoke check) reads a point's validation loss only (final_eval_loss, the
+# results' `loss`): its runs skip the test split's final evaluation (experiments.run alone does both).
+FINAL_EVAL = (("train.final_eval", "validation"),)
 
 # name: (layers, d_model, heads, batch, peak LR)
 POINTS_TABLE = {

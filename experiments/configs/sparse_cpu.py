@@ -1,6 +1,6 @@
 """The sparse CPU sweep: does a sparse run train like a dense model of its average parameter count?
 
-Three groups of one-layer, four-head shapes (cpu_tiny with the CPU recipe):
+Three groups of one-layer, four-head shapes (cpu_tiny with the CPU recipe of experiments/configs/cpu.py):
 
 - dense: a ladder of widths × token counts, enough (N, D) variety to fit L(N, D) = E + A/N^α + B/D^β
   (Chinchilla approach 3); its widest point at the sparse token count is the sparse runs' dense base;
@@ -24,6 +24,7 @@ from chinchax.scaling import plan
 from chinchax.scaling.sweep import Sweep
 from chinchax.training import sparsity
 from experiments import configs
+from experiments.configs.cpu import CPU_BASE, CPU_RECIPE, FINAL_EVAL
 
 HEADS = 4  # every shape's head count: widths step by HEADS
 LAYERS = 1
@@ -70,9 +71,6 @@ def twin_width(base, n_avg: float) -> int:
 
 def sparse_cpu() -> Sweep:
     """A dense ladder (4 widths × 3 token counts) and one shape sparse at 20–80%, each with its N_avg dense twin."""
-    # Imported here: sweeps.py registers this sweep, so importing it at the top would be a cycle.
-    from experiments.configs.sweeps import CPU_BASE, CPU_RECIPE, FINAL_EVAL
-
     base = configs.get(CPU_BASE)
     recipe = CPU_RECIPE + FINAL_EVAL
     points = []

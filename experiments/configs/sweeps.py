@@ -1,29 +1,21 @@
 """The shipped sweeps: `python -m experiments.sweep --sweep=NAME`.
 
 Every point is a base scale point (experiments/configs/) plus `--config.a.b=v` overrides, planned by
-chinchax.scaling.plan. CPU sweeps start from `cpu_tiny` (bytes, 256-token sequences) with CPU_RECIPE (8 × 256 tokens a step).
+chinchax.scaling.plan. CPU sweeps start from `cpu_tiny` (bytes, 256-token sequences) with CPU_RECIPE (8 × 256 tokens
+a step; experiments/configs/cpu.py holds both).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from chinchax.scaling import plan
 from chinchax.scaling.sweep import Sweep, SweepError, seeded
 from experiments import configs
+from experiments.configs.cpu import CPU_BASE, CPU_RECIPE, FINAL_EVAL
 from experiments.configs.sparse_cpu import sparse_cpu
 
-CPU_BASE = "cpu_tiny"
-# The CPU recipe, pinned here so a sweep's points do not move when the base point's defaults change.
-CPU_RECIPE = (
-    ("train.batch_size", 8),
-    ("train.warmup_tokens", 20 * 8 * 256),
-    ("train.peak_lr", 3e-3),
-    ("train.decay", "cosine"),
-)
-# Every sweep's analysis (and the smoke check) reads a point's validation loss only (final_eval_loss, the
-# results' `loss`): its runs skip the test split's final evaluation (experiments.run alone does both).
-FINAL_EVAL = (("train.final_eval", "validation"),)
 CPU_HEAD = 16  # d_head at CPU widths (16–128): widths in steps of 16 give budgets about 2× apart
 
 # Budgets where the Cerebras-aspect shapes (d_model / n_layers near 77) d16 … d96 with one layer, then d112 with
@@ -38,6 +30,25 @@ ISOFLOP_BUDGETS = (1e11, 3e11, 1e12, 3e12)
 ISOFLOP_TOKENS_PER_PARAM = (10.0, 320.0)
 ISOFLOP_SIZES = 6
 ISOFLOP_HEAD = 4
+# The block comparison: the GPT-3 block and the Llama block (LLAMA_CPU) planned onto the ladder's first six budgets
+# (the seventh, a two-layer d112, would add several minutes). Heads of 8 for both blocks: the Llama block's
+# grouped-query attention (two query heads per kv head) needs an even head count, and with heads of 16 its widths
+# would step by 32, so that the first two budgets plan the same shape; at heads of 8 both blocks get the same
+# widths, d16 … d96.
+BLOCK_BUDGETS = LADDER_BUDGETS[:6]
+BLOCK_HEAD = 8
+# The Llama block at CPU widths: RMSNorm, rotary positions, SwiGLU (hidden 8/3·d up to a multiple of 16), no biases,
+# an untied head, and two query heads per kv head (cpu_tiny's 2 heads → 1 kv head: the planner keeps the ratio).
+LLAMA_CPU = (
+    ("model.norm", "rmsnorm"),
+    ("model.position", "rope"),
+    ("model.mlp", "swiglu"),
+    ("model.d_ffn_multiple", 16),
+    ("model.bias", False),
+    ("model.tie_embeddings", False),
+    ("model.kv_heads", 1),
+)
+BLOCKS = {"gpt3": (), "llama": LLAMA_CPU}
 MUTRANSFER_WIDTHS = (32, 64, 128)
 # A half-decade log grid (5.6e-4 … 0.56) placed so that a point (10^-1.25 ≈ 0.056) sits at μP's measured optimum
 # on this recipe: on the grid a quarter-decade lower, μP's best point at width 128 won by only 0.006 nats.
@@ -86,6 +97,20 @@ def cpu_ladder() -> Sweep:
     return Sweep("cpu_ladder", cpu_ladder.__doc__, tuple(points), analysis="compute_law")
 
 
+def blocks_cpu() -> Sweep:
+    """The GPT-3 and the Llama block on the first six ladder budgets (20 tokens/param each), then one compute law
+    per block, drawn together."""
+    base = configs.get(CPU_BASE)
+    points = [
+        dataclasses.replace(point, name=f"{block}_{point.name}", tags={**point.tags, "block": block})
+        for block, switches in BLOCKS.items()
+        for point in plan.ladder(
+            base, CPU_BASE, BLOCK_BUDGETS, d_head=BLOCK_HEAD, extra=CPU_RECIPE + FINAL_EVAL + switches
+        )
+    ]
+    return Sweep("blocks_cpu", blocks_cpu.__doc__, tuple(points), analysis="compute_law_by_block")
+
+
 def isoflop_cpu() -> Sweep:
     """Four budgets × six sizes (10–320 tokens/param at equal FLOPs), then Chinchilla approach 2 under both counts."""
     base = configs.get(CPU_BASE)
@@ -128,7 +153,7 @@ def mutransfer() -> Sweep:
     return Sweep("mutransfer", mutransfer.__doc__, seeded(points, MUTRANSFER_SEEDS), analysis="mutransfer")
 
 
-SWEEPS = {f.__name__: f for f in (cpu_ladder, isoflop_cpu, mutransfer, smoke, sparse_cpu)}
+SWEEPS = {f.__name__: f for f in (cpu_ladder, blocks_cpu, isoflop_cpu, mutransfer, smoke, sparse_cpu)}
 
 
 def get(name: str) -> Sweep:

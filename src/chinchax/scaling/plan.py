@@ -5,9 +5,11 @@ overrides. Shapes follow Cerebras-GPT: a fixed head width, d_model a multiple of
 near the family's aspect ratio (its small members sit at ≈ 77: 768/10 and 1088/14). For a budget C the planner
 counts parameters and FLOPs per token exactly (chinchax.model.flops) for every candidate shape, picks the one whose
 allocation matches C best, and trains it for C / flops_per_token tokens (whole steps), so the point's FLOPs
-equal the budget while tokens per parameter land near the target. A sparse base (sparsity.target > 0) is
-counted as it spends: its block matmuls at the run's mean density (chinchax.model.flops.mean_density), so it
-trains for more tokens than a dense point of the same budget.
+equal the budget while tokens per parameter land near the target. Any block is planned (the counts know every
+switch); a grouped-query base (model.kv_heads < n_heads) keeps its query heads per key/value head (its group): a
+shape gets n_heads / group kv heads, and head counts the group does not divide are skipped. A sparse base
+(sparsity.target > 0) is counted as it spends: its block matmuls at the run's mean density
+(chinchax.model.flops.mean_density), so it trains for more tokens than a dense point of the same budget.
 """
 
 from __future__ import annotations
@@ -79,42 +81,61 @@ def configure(
 
 @dataclasses.dataclass(frozen=True)
 class Shape:
-    """A model shape: width, depth, heads."""
+    """A model shape: width, depth, heads, and key/value heads (0: one per query head)."""
 
     d_model: int
     n_layers: int
     n_heads: int
+    kv_heads: int = 0
 
     def overrides(self) -> tuple[tuple[str, object], ...]:
+        """The shape's config overrides (model.kv_heads only for a grouped-query shape)."""
+        grouped = (("model.kv_heads", self.kv_heads),) if self.kv_heads else ()
         return (
             ("model.d_model", self.d_model),
             ("model.n_layers", self.n_layers),
             ("model.n_heads", self.n_heads),
-        )
+        ) + grouped
+
+
+SHAPE_KEYS = ("model.d_model", "model.n_layers", "model.n_heads", "model.kv_heads")
+
+
+def kv_group(base: ml_collections.ConfigDict) -> int:
+    """Query heads per key/value head of the base config (1: every head its own)."""
+    return base.model.n_heads // config_lib.kv_heads(base.model)
 
 
 def candidate_shapes(
-    d_head: int, aspect_ratio: float = CEREBRAS_ASPECT_RATIO, tolerance: float = ASPECT_TOLERANCE
+    d_head: int,
+    aspect_ratio: float = CEREBRAS_ASPECT_RATIO,
+    tolerance: float = ASPECT_TOLERANCE,
+    group: int = 1,
 ) -> Iterator[list[Shape]]:
-    """Per width d_model = k·d_head (k = 1 … MAX_HEADS, ascending), the shapes whose d_model / n_layers is within
-    `tolerance` of `aspect_ratio`; widths too narrow for one layer at that ratio get one layer."""
+    """Per width d_model = k·d_head (k = 1 … MAX_HEADS, ascending, k a multiple of `group`), the shapes whose
+    d_model / n_layers is within `tolerance` of `aspect_ratio`, with k / group kv heads when group > 1; widths too
+    narrow for one layer at that ratio get one layer."""
     if d_head <= 0:
         raise PlanError(f"d_head must be > 0, got {d_head}")
     if aspect_ratio <= 0 or tolerance < 1:
         raise PlanError(f"need aspect_ratio={aspect_ratio} > 0 and tolerance={tolerance} >= 1")
-    for d in range(d_head, MAX_HEADS * d_head + 1, d_head):
+    if group < 1:
+        raise PlanError(f"query heads per kv head must be >= 1, got {group}")
+    for heads in range(group, MAX_HEADS + 1, group):
+        d = heads * d_head
         low = max(1, math.ceil(d / (aspect_ratio * tolerance)))
         high = max(1, math.floor(d * tolerance / aspect_ratio))
-        yield [Shape(d, layers, d // d_head) for layers in range(low, high + 1)]
+        kv = heads // group if group > 1 else 0
+        yield [Shape(d, layers, heads, kv) for layers in range(low, high + 1)]
 
 
 def _search(
-    value, target: float, d_head: int, aspect_ratio: float, tolerance: float
+    value, target: float, d_head: int, aspect_ratio: float, tolerance: float, group: int = 1
 ) -> list[tuple[float, Shape]]:
     """(log value − target, shape) for candidate shapes by ascending width, stopping once a whole width
     overshoots `target` by more than OVERSHOOT (values grow with width)."""
     found = []
-    for shapes in candidate_shapes(d_head, aspect_ratio, tolerance):
+    for shapes in candidate_shapes(d_head, aspect_ratio, tolerance, group):
         errors = [(value(s) - target, s) for s in shapes]
         found += errors
         if min(e for e, _ in errors) > OVERSHOOT:
@@ -166,7 +187,9 @@ def _check_budget(budget: float, count: str, params_count: str = "total") -> Non
 def _with_shape(base: ml_collections.ConfigDict, shape: Shape) -> types.SimpleNamespace:
     """The base model fields with the shape's (a plain namespace: the counts in chinchax.model.flops read attributes)."""
     fields = base.model.to_dict()
-    fields.update(d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads)
+    fields.update(
+        d_model=shape.d_model, n_layers=shape.n_layers, n_heads=shape.n_heads, kv_heads=shape.kv_heads
+    )
     return types.SimpleNamespace(**fields)
 
 
@@ -205,7 +228,8 @@ def solve_shape(
             allocation * params * per_token(model, base.data.seq_len, count, params_count, density)
         )
 
-    return min(_search(value, target, d_head, aspect_ratio, tolerance), key=lambda found: abs(found[0]))[1]
+    found = _search(value, target, d_head, aspect_ratio, tolerance, kv_group(base))
+    return min(found, key=lambda found: abs(found[0]))[1]
 
 
 def budget_tag(budget: float) -> str:
@@ -225,12 +249,18 @@ def _point(
     extra: tuple[tuple[str, object], ...],
     tags: Mapping[str, object],
 ) -> Point:
-    cfg = configure(base, shape.overrides() + extra)
+    """The point training `shape` on `budget` FLOPs; the shape's keys win over the same keys in `extra` (a shape
+    with a head per kv head resets a base's explicit model.kv_heads to 0)."""
+    extra = tuple((k, v) for k, v in extra if k not in SHAPE_KEYS)
+    shape_overrides = shape.overrides()
+    if not shape.kv_heads and configure(base, extra).model.kv_heads:
+        shape_overrides += (("model.kv_heads", 0),)
+    cfg = configure(base, shape_overrides + extra)
     tokens = tokens_for_budget(cfg, budget, count, params_count)
     return Point(
         name=name,
         base=base_name,
-        overrides=shape.overrides() + (("train.tokens", tokens),) + extra,
+        overrides=shape_overrides + (("train.tokens", tokens),) + extra,
         tags={"budget": budget, "counting": f"{params_count}/{count}", **tags},
     )
 
@@ -323,7 +353,7 @@ def isoflop_grid(
             counted_params(model, params_count) * per_token(model, cfg.data.seq_len, count, params_count)
         )
 
-    found = _search(log_allocation, math.log(budget / low), d_head, aspect_ratio, tolerance)
+    found = _search(log_allocation, math.log(budget / low), d_head, aspect_ratio, tolerance, kv_group(cfg))
     candidates = {s: value for value, s in ((e + math.log(budget / low), s) for e, s in found)}
     if len(candidates) < sizes:
         raise PlanError(
@@ -361,5 +391,6 @@ def describe(base: ml_collections.ConfigDict, point: Point) -> dict:
         "d_model": cfg.model.d_model,
         "n_layers": cfg.model.n_layers,
         "n_heads": cfg.model.n_heads,
+        "kv_heads": config_lib.kv_heads(cfg.model),
         **dataclasses.asdict(plan),
     }

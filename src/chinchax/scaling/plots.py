@@ -1,4 +1,5 @@
-"""Every figure of the scaling studies, as PNG: loss vs FLOPs, the compute law's bootstrap band, isoFLOP curves,
+"""Every figure of the scaling studies, as PNG: loss vs FLOPs, the compute law's bootstrap band (one law, or several
+on one figure), isoFLOP curves,
 residuals, compute-optimal allocation, μTransfer (loss vs learning rate per width)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from chinchax import atomic  # noqa: E402
-from chinchax.scaling import fit  # noqa: E402
+from chinchax.scaling import bootstrap, fit  # noqa: E402
 from chinchax.scaling.fit_io import ScalingPoints  # noqa: E402
 
 MAX_ISOFLOP_CURVES = 8
@@ -172,12 +173,11 @@ def envelope(points: ScalingPoints, run: np.ndarray, approach1: fit.AllocationFi
     return save(figure, path)
 
 
-def compute_law_band(points: ScalingPoints, law_fit: fit.LawFit, path: pathlib.Path) -> str:
-    """The points, the fitted L(C) and its bootstrap 95% band (pointwise percentiles of the refitted curves)."""
-    figure, axes = plt.subplots(figsize=(7, 5))
-    flops = np.logspace(np.log10(points.flops.min()) - 0.3, np.log10(points.flops.max()) + 0.3, 200)
-    samples = law_fit.bootstrap_samples
-    law = law_fit.law
+def _law_with_band(
+    axes, flops: np.ndarray, law: fit.ComputeLaw, samples: dict, colour: str, prefix: str = ""
+) -> None:
+    """L(C) over `flops` and its bootstrap 95% band (pointwise percentiles of the refitted curves in `samples`,
+    {C_c, alpha, E}: arrays; no band when empty), labelled after `prefix`."""
     if samples:
         curves = np.array(
             [
@@ -187,19 +187,51 @@ def compute_law_band(points: ScalingPoints, law_fit: fit.LawFit, path: pathlib.P
         )
         curves = curves[np.isfinite(curves).all(axis=1)]
         low, high = np.percentile(curves, [2.5, 97.5], axis=0)
-        axes.fill_between(flops, low, high, color="tab:red", alpha=0.2, label="95% bootstrap band")
-    alpha_ci = law_fit.ci.get("alpha")
+        axes.fill_between(flops, low, high, color=colour, alpha=0.2, label=f"{prefix}95% bootstrap band")
+    alpha_ci = bootstrap.percentile_intervals(samples, fit.CI_LEVEL).get("alpha")
     ci_text = f" (95% CI {alpha_ci[0]:.3f}–{alpha_ci[1]:.3f})" if alpha_ci else ""
-    axes.plot(
-        flops,
-        law.loss(flops),
-        color="tab:red",
-        label=f"L = (C/{law.C_c:.3g})^-{law.alpha:.3f}{ci_text} + {law.E:.3f}",
-    )
+    label = f"{prefix}L = (C/{law.C_c:.3g})^-{law.alpha:.3f}{ci_text} + {law.E:.3f}"
+    axes.plot(flops, law.loss(flops), color=colour, label=label)
+
+
+def compute_law_band(points: ScalingPoints, law_fit: fit.LawFit, path: pathlib.Path) -> str:
+    """The points, the fitted L(C) and its bootstrap 95% band (pointwise percentiles of the refitted curves)."""
+    figure, axes = plt.subplots(figsize=(7, 5))
+    flops = np.logspace(np.log10(points.flops.min()) - 0.3, np.log10(points.flops.max()) + 0.3, 200)
+    _law_with_band(axes, flops, law_fit.law, law_fit.bootstrap_samples, "tab:red")
     axes.scatter(points.flops, points.loss, color="tab:blue", zorder=3, label="runs (validation loss)")
     axes.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="validation loss (nats/token)")
     axes.set_title(f"Compute law, R² {law_fit.goodness.r2:.4f}")
     axes.legend(fontsize=8)
+    return save(figure, path)
+
+
+def compute_laws(
+    laws: dict[str, tuple[ScalingPoints, fit.ComputeLaw, dict]], path: pathlib.Path, title: str
+) -> str:
+    """Several compute laws on one figure, one colour each: {name: (its points, its law, its bootstrap refits
+    {C_c, alpha, E})}, each drawn with its 95% band and its runs."""
+    figure, axes = plt.subplots(figsize=(7.5, 5.5))
+    low = min(np.log10(points.flops.min()) for points, _, _ in laws.values())
+    high = max(np.log10(points.flops.max()) for points, _, _ in laws.values())
+    flops = np.logspace(low - 0.3, high + 0.3, 200)
+    markers = ("o", "s", "^", "D", "v")
+    for i, (name, (points, law, samples)) in enumerate(laws.items()):
+        colour = plt.get_cmap("tab10")(i)
+        _law_with_band(axes, flops, law, samples, colour, f"{name}: ")
+        axes.scatter(
+            points.flops,
+            points.loss,
+            color=colour,
+            marker=markers[i % len(markers)],
+            edgecolors="black",
+            linewidths=0.5,
+            zorder=3,
+            label=f"{name}: runs (validation loss)",
+        )
+    axes.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel="validation loss (nats/token)")
+    axes.set_title(title)
+    axes.legend(fontsize=7)
     return save(figure, path)
 
 

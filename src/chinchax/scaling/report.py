@@ -1,9 +1,11 @@
 """Analyses of scaling results: the law fit with its plots and report (shared by `experiments.fit` and the sweeps),
-the μTransfer learning-rate comparison, and sparse runs against the law of the dense ones.
+one compute law per model block drawn together, the μTransfer learning-rate comparison, and sparse runs against
+the law of the dense ones.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -102,6 +104,8 @@ def analyse(sweep: Sweep, root: pathlib.Path, rows: list[dict], resamples: int =
         return mutransfer(sweep, root, rows)
     if sweep.analysis == "sparse":
         return sparse(root, rows, resamples)
+    if sweep.analysis == "compute_law_by_block":
+        return compute_law_by_block(root, rows, resamples)
     law = "compute" if sweep.analysis == "compute_law" else "isoflop"
     try:
         points = fit_io.load_points(root / "results.csv")
@@ -116,6 +120,51 @@ def analyse(sweep: Sweep, root: pathlib.Path, rows: list[dict], resamples: int =
         raise SweepError(f"not fitting yet: {error}") from None
     atomic.write_json(root / "fit.json", {k: v for k, v in summary.items() if k != "text"}, indent=1)
     return summary
+
+
+BLOCK_TAG = "block"  # the results column compute_law_by_block groups the points by
+
+
+def compute_law_by_block(root: pathlib.Path, rows: list[dict], resamples: int = BOOTSTRAP) -> dict:
+    """One compute law L(C) = (C/C_c)^-alpha + E per model block (rows tagged `block`, e.g. gpt3 and llama), each
+    fitted and drawn as `fit_and_report` does the compute law (figures in root/fit_<block>/), and every law with
+    its bootstrap band and points on one figure (root/compute_laws.png). Writes root/blocks.json:
+    {"blocks": {block: its fit report}, "plot": the figure}."""
+    untagged = [str(row["point"]) for row in rows if row.get(BLOCK_TAG) in (None, "")]
+    if untagged:
+        raise SweepError(
+            f"the compute_law_by_block analysis needs a {BLOCK_TAG!r} tag; {', '.join(untagged)} lack it"
+        )
+    blocks = list(dict.fromkeys(str(row[BLOCK_TAG]) for row in rows))
+    laws, curves, text = {}, {}, []
+    try:
+        points = fit_io.load_points(root / "results.csv")  # the rows as gathered, in their order
+        for block in blocks:
+            member = np.array([str(row[BLOCK_TAG]) == block for row in rows])
+            own = _subset(points, member)
+            summary = fit_and_report(own, "compute", root / f"fit_{block}", resamples=resamples)
+            text += [f"block {block}:", summary.pop("text")]
+            laws[block] = {"block": block, **summary}
+            law = fit.ComputeLaw(**{k: summary[k] for k in fit_io.CONSTANT_NAMES["compute"]})
+            curves[block] = (own, law, summary["bootstrap_samples"])
+    except fit_io.FitDataError as error:
+        raise SweepError(f"not fitting yet: {error}") from None
+    path = plots.compute_laws(
+        curves, root / "compute_laws.png", f"Compute law per block: {', '.join(blocks)}"
+    )
+    summary = {"blocks": laws, "plot": path}
+    atomic.write_json(root / "blocks.json", summary, indent=1)
+    return {**summary, "text": "\n".join(text + [f"plot: {path}"])}
+
+
+def _subset(points: fit_io.ScalingPoints, member: np.ndarray) -> fit_io.ScalingPoints:
+    """The points where `member` is True (every per-point array cut alike)."""
+    arrays = {
+        field.name: getattr(points, field.name)[member]
+        for field in dataclasses.fields(points)
+        if isinstance(getattr(points, field.name), np.ndarray)
+    }
+    return dataclasses.replace(points, **arrays)
 
 
 def sparse(root: pathlib.Path, rows: list[dict], resamples: int = BOOTSTRAP) -> dict:

@@ -1,10 +1,10 @@
 """One self-contained HTML page per sweep: its points, fitted laws with the published ones beside them, and every
 figure, so a sweep's outcome can be read (or mailed) as a single file.
 
-Reads what a sweep root holds (results.csv, fit.json, mutransfer.json, sweep.json, one run's config.json for
-the tokenizer, and the PNGs in the root and root/fit/) and embeds each PNG as a base64 data URI. Fields of
-fit.json or mutransfer.json this module does not know are shown as key/value rows, so a new field appears on
-the page without a change here; a missing field is left out.
+Reads what a sweep root holds (results.csv, fit.json, blocks.json, mutransfer.json, sparse.json, sweep.json, one
+run's config.json for the tokenizer, the PNGs in the root and root/fit/, and those the JSON files name) and embeds
+each PNG as a base64 data URI. Fields of fit.json or mutransfer.json this module does not know are shown as
+key/value rows, so a new field appears on the page without a change here; a missing field is left out.
 """
 
 from __future__ import annotations
@@ -106,8 +106,9 @@ def write(root: str | pathlib.Path, out: str | pathlib.Path | None = None) -> pa
 
 
 def page(root: pathlib.Path) -> str:
-    """The HTML of the sweep in `root`: header and timing, the fitted law, μTransfer's best learning rates, the
-    published laws, the points, the figures no section showed; the time it is written at stands in its header."""
+    """The HTML of the sweep in `root`: header and timing, the fitted law (or one per block), μTransfer's best
+    learning rates, sparse runs on the dense law, the published laws, the points, the figures no section showed;
+    the time it is written at stands in its header."""
     if not root.is_dir():
         raise ReportPageError(f"{root}: no such sweep folder")
     root = root.resolve()
@@ -123,6 +124,9 @@ def page(root: pathlib.Path) -> str:
         body.append(_law_section(fitted, figures, unit))
         if isinstance(fitted.get("other_counting"), dict):
             body.append(_law_section(fitted["other_counting"], figures, unit))
+    blocks = _json(root / "blocks.json")
+    if blocks is not None:
+        body.append(_blocks(blocks, figures, unit))
     if mutransfer is not None:
         body.append(_mutransfer(mutransfer, figures))
     sparse = _json(root / "sparse.json")
@@ -390,6 +394,45 @@ def _approach(key: str) -> str:
     return key.replace("approach", "approach ").strip()
 
 
+def _blocks(summary: dict, figures: _Figures, unit: str | None) -> str:
+    """One compute law per model block: each law's constants with their CIs and goodness in one table, each law's
+    warnings, the figure of every law together, then each block's own figures."""
+    laws = {k: v for k, v in (summary.get("blocks") or {}).items() if isinstance(v, dict)}
+    names = fit_io.CONSTANT_NAMES["compute"]
+    level = next((law["ci_level"] for law in laws.values() if "ci_level" in law), None)
+    ci_title = f"{100 * level:.0f}% CI" if isinstance(level, (int, float)) else "CI"
+    header = ["block", "points"]
+    header += [f"{n}{suffix}" for n in names for suffix in ("", f" {ci_title} low", f" {ci_title} high")]
+    header += ["R² of log loss", "RMSE of log loss", "power law k", "power law a"]
+    rows = []
+    for block, law in laws.items():
+        ci = law.get("ci", {})
+        power = law.get("power_law") if isinstance(law.get("power_law"), dict) else {}
+        cells = [_e(block), _e(_number(law.get("points")))]
+        for n in names:
+            cells += [_e(_number(v)) for v in (law.get(n), *(ci.get(n) or (None, None)))]
+        cells += [_e(_number(law.get("r2"), ".5f")), _e(_number(law.get("rmse_log_loss"), ".5f"))]
+        cells += [_e(_number(power.get("k"), ".4g")), _e(_number(power.get("a"), ".4f"))]
+        rows.append(cells)
+    loss = f"nats per {unit}" if unit else "nats per token of this sweep"
+    lines = [
+        "<h2>Compute law per block</h2>",
+        f"<p><b>{_e(fit_io.FORMULAS['compute'])}</b>, fitted on each block's points alone (loss in {_e(loss)}, "
+        "C the detailed FLOPs count); beside it the pure power law L = k·C^(-a) of the same points.</p>",
+        _table(header, rows, "block_laws"),
+    ]
+    for block, law in laws.items():
+        warnings = law.get("identifiability") or []
+        warnings = [warnings] if isinstance(warnings, str) else warnings
+        lines += [f'<p class="warn">{_e(block)}: {_e(w)}</p>' for w in warnings]
+    plot = summary.get("plot")
+    lines.append(figures.take([plot] if plot else []))
+    for law in laws.values():
+        plots = law.get("plots") or {}
+        lines.append(figures.take(plots.values() if isinstance(plots, dict) else plots))
+    return "\n".join(lines)
+
+
 def _mutransfer(summary: dict, figures: _Figures) -> str:
     """The best learning rate per width, one column per parametrization; diverged points listed."""
     best = summary.get("best_lr", {})
@@ -535,12 +578,17 @@ class _Figures:
 
     def take(self, paths) -> str:
         """Figures of the named paths; one recorded outside the root (the root was moved or copied) is looked up
-        by name in root/fit/ and the root first."""
+        by name in the root's folder of its folder's name (e.g. root/fit/), root/fit/ and the root first."""
         chosen = []
         for recorded in paths:
             path = pathlib.Path(recorded)
             inside = path.is_relative_to(self.root)
-            candidates = [path] * inside + [self.root / "fit" / path.name, self.root / path.name, path]
+            candidates = [path] * inside + [
+                self.root / path.parent.name / path.name,
+                self.root / "fit" / path.name,
+                self.root / path.name,
+                path,
+            ]
             found = next((p for p in candidates if p.is_file()), None)
             if found is None:
                 self.skipped.append(f"{recorded} (not found)")

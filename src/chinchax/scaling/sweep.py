@@ -8,8 +8,8 @@ summary.json is done and skipped. chinchax.scaling.launch trains the pending poi
 tasks on a local or existing cluster, a SLURM array job, printed commands). `results.csv` / `results.jsonl`
 gather every done point's tags and summary, with where its trainer's wall time went (`timing_table`: training,
 and the overhead around it), and `curves.csv` every point's training-loss curve; chinchax.scaling.report
-analyses them (compute-law fit, isoFLOP fit, μTransfer figure) into JSON and plots in the root. Importing this
-module (and the sweep specs) draws nothing: no matplotlib.
+analyses them (compute-law fit, one per model block, isoFLOP fit, μTransfer figure, sparse runs) into JSON and
+plots in the root. Importing this module (and the sweep specs) draws nothing: no matplotlib.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from chinchax import config as config_lib
 from chinchax.model import flops
 from chinchax.scaling.plan import Point
 
-ANALYSES = ("compute_law", "isoflop", "mutransfer", "sparse")
+ANALYSES = ("compute_law", "compute_law_by_block", "isoflop", "mutransfer", "sparse")
 SUMMARY_COLUMNS = (
     "final_train_loss",
     "final_eval_loss",
