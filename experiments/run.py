@@ -3,6 +3,10 @@
 NAME is a named scale point (chinchilla_111m … chinchilla_13b, mup_111m … mup_2.7b, mup_40m, cpu_*) or a
 config file `experiments/configs/x.py[:arg]`. With no --config the embedded CPU default trains.
 
+`--from=TRUNK_DIR[:STEP]` starts from another run's checkpoint at STEP (parameters, optimizer state, data position)
+and goes on under this config's schedule, e.g. a WSD cooldown branched off a constant-LR trunk; the trunk is only
+read (chinchax.training.branch).
+
 `--dry_run` trains nothing and allocates no training state: it prints the plan and, last, its JSON. On a pod
 preset (`--mesh`) it compiles the step against a virtual mesh of fake CPU devices; on the cpu preset it compiles
 the step when this machine can hold it and predicts it kernel by kernel from matmuls timed here (those too large
@@ -59,6 +63,11 @@ _MESH = flags.DEFINE_string(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_FROM = flags.DEFINE_string(
+    "from",
+    None,
+    "TRUNK_DIR[:STEP]: start from that run's checkpoint at STEP (default its newest), e.g. a WSD cooldown branch.",
+)
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Print the plan, the predicted step and its JSON; allocate no training state."
 )
@@ -87,7 +96,7 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     train.enable_compilation_cache()
     workdir = _WORKDIR.value or f"runs/{cfg.name}"
-    summary = train.train(cfg, workdir, started=STARTED)
+    summary = train.train(cfg, workdir, started=STARTED, branch_from=_FROM.value)
     if summary is not None:
         print(json.dumps(summary))
 

@@ -61,6 +61,47 @@ def test_schedule_warmup_and_decay_to_ten_percent(decay):
     assert float(lr(0)) > 0
 
 
+def expected_wsd_lr(train, tokens):
+    """WSD written out: linear warmup, peak, then over the last cooldown_fraction of the tokens from peak to
+    end_lr_fraction · peak by the cooldown's shape (x: the fraction of the cooldown done)."""
+    peak, end = train.peak_lr, train.peak_lr * train.end_lr_fraction
+    if tokens < train.warmup_tokens:
+        return peak * tokens / train.warmup_tokens
+    start = train.tokens * (1 - train.cooldown_fraction)
+    if tokens <= start:
+        return peak
+    x = (tokens - start) / (train.tokens - start)
+    shape = {
+        "linear": 1 - x,
+        "1-sqrt": 1 - math.sqrt(x),
+        "cosine": 0.5 * (1 + math.cos(math.pi * x)),
+    }[train.cooldown_shape]
+    return end + (peak - end) * shape
+
+
+@pytest.mark.parametrize("shape", ["linear", "1-sqrt", "cosine"])
+def test_wsd_holds_the_peak_then_cools_down_over_its_last_fraction(shape):
+    """20 steps of 128 tokens, 3 of warmup, a cooldown over the last 33% (844.8 tokens: it starts inside a step)
+    to 5% of the peak."""
+    cfg = tiny(decay="wsd")
+    cfg.train.update(tokens=128 * 20, cooldown_fraction=0.33, cooldown_shape=shape, end_lr_fraction=0.05)
+    config.validate(cfg)
+    lr = optim.learning_rate(cfg, run_schedule(cfg))
+    rates = [float(lr(step)) for step in range(20)]
+    for step, rate in enumerate(rates):
+        assert rate == pytest.approx(expected_wsd_lr(cfg.train, (step + 1) * 128), rel=1e-5), (shape, step)
+    assert len(set(rates[2:13])) == 1 and rates[2] == pytest.approx(cfg.train.peak_lr)  # stable: 384 … 1664
+    assert rates[13] < cfg.train.peak_lr and rates[-1] == pytest.approx(0.05 * cfg.train.peak_lr, rel=1e-5)
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.5])
+def test_a_cooldown_fraction_outside_zero_one_is_one_line(fraction):
+    cfg = tiny(decay="wsd")
+    cfg.train.cooldown_fraction = fraction
+    with pytest.raises(config.ConfigError, match=r"train.cooldown_fraction=.* must be in \(0, 1\]$"):
+        config.validate(cfg)
+
+
 def test_schedule_is_in_tokens_across_a_batch_ramp():
     cfg = tiny(decay="linear")
     cfg.train.update(batch_ramp=((4 * 32 * 4, 8),), tokens=4 * 32 * 4 + 8 * 32 * 3, warmup_tokens=0)

@@ -58,7 +58,9 @@ SCHEMA: dict[str, tuple[object, str]] = {
     "train.peak_lr": (6e-4, "Peak learning rate (μP: η_base, scaled per parameter role)."),
     "train.end_lr_fraction": (0.1, "Learning rate at the last step as a fraction of peak_lr."),
     "train.warmup_tokens": (0, "Tokens of linear warmup from 0 to peak_lr."),
-    "train.decay": ("linear", "Decay after warmup: 'linear' or 'cosine' (to end_lr_fraction * peak)."),
+    "train.decay": ("linear", "After warmup: 'linear' or 'cosine' decay to end_lr_fraction * peak, or 'wsd' (constant, then a cooldown)."),
+    "train.cooldown_fraction": (0.2, "wsd: fraction of the training tokens spent cooling down to end_lr_fraction * peak (in (0, 1])."),
+    "train.cooldown_shape": ("1-sqrt", "wsd cooldown: 'linear', '1-sqrt' (peak·(1 − √x), Hägele et al. 2024) or 'cosine'."),
     "train.adam_b1": (0.9, "AdamW β1."),
     "train.adam_b2": (0.95, "AdamW β2."),
     "train.adam_eps": (1e-8, "AdamW ε."),
@@ -91,7 +93,8 @@ SCHEMA: dict[str, tuple[object, str]] = {
 PARAMETRIZATIONS = ("sp", "mup")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 TOKENIZERS = {"gpt2": 50257, "bytes": 257}
-DECAYS = ("linear", "cosine")
+DECAYS = ("linear", "cosine", "wsd")
+COOLDOWN_SHAPES = ("linear", "1-sqrt", "cosine")
 ATTENTIONS = ("xla", "blockwise", "cudnn", "pallas", "auto")
 LOSSES = ("dense", "chunked")
 LAYER_LOOPS = ("scan", "unroll", "auto")
@@ -259,6 +262,14 @@ def _check_data(m: ml_collections.ConfigDict, d: ml_collections.ConfigDict, need
 def _check_optimizer(t: ml_collections.ConfigDict, need: _Need) -> None:
     """train.* of the optimisation: the learning-rate schedule, the token budget, the microbatch count."""
     need(t.decay in DECAYS, f"train.decay={t.decay!r} is not one of {DECAYS}")
+    need(
+        0 < t.cooldown_fraction <= 1,
+        f"train.cooldown_fraction={t.cooldown_fraction} must be in (0, 1]",
+    )
+    need(
+        t.cooldown_shape in COOLDOWN_SHAPES,
+        f"train.cooldown_shape={t.cooldown_shape!r} is not one of {COOLDOWN_SHAPES}",
+    )
     need(t.peak_lr > 0, f"train.peak_lr={t.peak_lr} must be > 0")
     need(0 <= t.end_lr_fraction <= 1, f"train.end_lr_fraction={t.end_lr_fraction} must be in [0, 1]")
     need(t.tokens >= 0 and t.warmup_tokens >= 0, "train.tokens and train.warmup_tokens must be >= 0")

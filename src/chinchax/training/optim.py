@@ -1,4 +1,5 @@
-"""The Cerebras-GPT optimizer: global-norm clip → AdamW with per-role LR multipliers, warmup + decay to 10%.
+"""The Cerebras-GPT optimizer: global-norm clip → AdamW with per-role LR multipliers, warmup + decay to 10%
+(linear or cosine, as the paper), or warmup-stable-decay (WSD: constant, then a cooldown over the last fraction).
 
 The schedule is defined in tokens (so a batch-size ramp, as for 13B, does not bend it) and evaluated at the
 tokens seen once each step is done: the first step already has a non-zero rate and the last step's rate is
@@ -35,15 +36,37 @@ def tokens_seen(schedule: TrainSchedule):
     return tokens
 
 
+def cooldown(shape: str, peak: float, end: float, tokens: float) -> optax.Schedule:
+    """tokens into a cooldown → learning rate, from peak to end over `tokens`: linear, cosine, or 1-sqrt
+    (end + (peak − end)·(1 − √(t / tokens)), Hägele et al. 2024; optax has no such schedule)."""
+    if shape == "linear":
+        return optax.linear_schedule(peak, end, tokens)
+    if shape == "cosine":
+        return optax.cosine_decay_schedule(peak, tokens, alpha=end / peak)
+    return lambda t: end + (peak - end) * (1.0 - jnp.sqrt(jnp.clip(t / tokens, 0.0, 1.0)))
+
+
 def token_schedule(cfg: ml_collections.ConfigDict, total_tokens: int) -> optax.Schedule:
-    """tokens → learning rate: linear warmup to peak, then linear or cosine decay to end_lr_fraction · peak."""
+    """tokens → learning rate: linear warmup to peak, then linear or cosine decay to end_lr_fraction · peak, or
+    (wsd) peak until the last cooldown_fraction of the tokens, then the cooldown to end_lr_fraction · peak."""
     t = cfg.train
     warmup = float(min(t.warmup_tokens, total_tokens))
     decay_tokens = float(max(total_tokens - warmup, 1))
-    if t.decay == "cosine":
+    end = t.peak_lr * t.end_lr_fraction
+    if t.decay == "wsd":
+        cooling = min(t.cooldown_fraction * total_tokens, decay_tokens)
+        stable = decay_tokens - cooling
+        decay = optax.join_schedules(
+            [
+                optax.constant_schedule(t.peak_lr),
+                cooldown(t.cooldown_shape, t.peak_lr, end, max(cooling, 1.0)),
+            ],
+            [stable],
+        )
+    elif t.decay == "cosine":
         decay = optax.cosine_decay_schedule(t.peak_lr, decay_tokens, alpha=t.end_lr_fraction)
     else:
-        decay = optax.linear_schedule(t.peak_lr, t.peak_lr * t.end_lr_fraction, decay_tokens)
+        decay = optax.linear_schedule(t.peak_lr, end, decay_tokens)
     if warmup == 0:
         return decay
     return optax.join_schedules([optax.linear_schedule(0.0, t.peak_lr, warmup), decay], [warmup])

@@ -32,7 +32,7 @@ from chinchax.config import TrainSchedule, final_eval_splits, flatten
 from chinchax.model import flops, gpt
 from chinchax.model import loss as loss_lib
 from chinchax.parallel import hardware, memory_plan, mesh
-from chinchax.training import checkpoint, optim, sparsity
+from chinchax.training import branch, checkpoint, optim, sparsity
 from chinchax.training.metrics import RunLog
 from chinchax.training.state import TrainState, init_state, optimizer, run_schedule
 
@@ -246,8 +246,11 @@ def train(
     workdir: str | os.PathLike,
     show_progress: bool = True,
     started: float | None = None,
+    branch_from: str | None = None,
 ) -> dict | None:
     """Train (or resume) the run in `workdir`; return the summary, or None when stopped by a signal.
+
+    branch_from: 'TRUNK_DIR[:STEP]': start from that run's checkpoint (chinchax.training.branch) instead of step 0.
 
     started: the time.perf_counter() at which this process began (experiments.run passes it), so that the
     summary's wall_seconds and startup_seconds count the imports too; default: this call.
@@ -262,6 +265,8 @@ def train(
         return json.loads((workdir / "summary.json").read_text())
     store = data.resolve_store(cfg.data.dataset, cfg.data.tokenizer, progress=show_progress)
     plan, schedule = flops.plan(cfg), run_schedule(cfg)
+    if branch_from is not None:  # checked before anything is written; then the trunk's checkpoint is copied
+        branch.start(workdir, requested, branch_from, schedule.steps)
     checkpoint.write_config(workdir, requested)
     loader = _loader(cfg, store, "train", schedule.microbatch)
     step_fn, mngr, state, resumed = _start(cfg, devices, schedule, loader, workdir)
@@ -326,6 +331,7 @@ def train(
     if final:
         log.note("final " + ", ".join(f"{split} loss {loss:.4f}" for split, loss in final.items()))
     summary = _summary(cfg, plan, choice, progress, final, store, wall_start, peak, peak_source)
+    summary["branched_from"] = branch.read(workdir)  # {trunk, step}, or None for a run from step 0
     log.write_summary(summary)
     log.close()
     return summary
