@@ -21,9 +21,16 @@ from tests.test_train import (
     wait_until,
 )
 
+BRANCH_STEP = 8
 STEP_TOKENS = 8 * 64  # cpu_tiny at 64-token sequences, 8 a step (tests.test_train.TINY)
 WSD = {"train.decay": "wsd", "train.cooldown_fraction": 0.2, "train.warmup_tokens": 2 * STEP_TOKENS}
-TRUNK = {**WSD, "train.tokens": 20 * STEP_TOKENS, "train.keep_checkpoints": 10}  # constant from step 2 to 16
+# constant from step 2 to 16; every 4th step checkpointed (TINY), the newest kept, and step 8 kept for branches
+TRUNK = {
+    **WSD,
+    "train.tokens": 20 * STEP_TOKENS,
+    "train.keep_checkpoints": 1,
+    "train.checkpoint_steps": (BRANCH_STEP,),
+}
 # 16 steps cooling down over the second half: constant to step 8, then 8 steps of cooldown (time to kill one)
 SHORT = {
     **WSD,
@@ -31,7 +38,6 @@ SHORT = {
     "train.cooldown_fraction": 0.5,
     "train.checkpoint_every": 1,
 }
-BRANCH_STEP = 8
 
 
 def files_digest(folder: pathlib.Path) -> dict:
@@ -98,9 +104,9 @@ def test_a_branch_killed_mid_cooldown_resumes_bit_identically(runs, tmp_path):
 @pytest.mark.parametrize(
     "spec, overrides, message",
     [
-        ("{trunk}:7", SHORT, r"has no checkpoint at step 7 \(has \[4, 8, 12, 16, 20\]\)"),
+        ("{trunk}:7", SHORT, r"has no checkpoint at step 7 \(has \[8, 20\]\)"),
         ("{trunk}:8", {**SHORT, "model.d_model": 64}, "differs from its trunk in model.d_model"),
-        ("{trunk}:16", SHORT, "the branch's 16 steps end at or before its start, step 16"),
+        ("{trunk}:20", SHORT, "the branch's 16 steps end at or before its start, step 20"),
         ("{trunk}/nowhere:8", SHORT, "config.json does not exist"),
     ],
 )

@@ -75,6 +75,7 @@ SCHEMA: dict[str, tuple[object, str]] = {
     "train.final_eval": ("validation,test", "Splits evaluated at the end, comma-separated: 'validation,test', 'validation', or '' (none)."),
     "train.checkpoint_every": (500, "Steps between checkpoints; one is always written at the end."),
     "train.keep_checkpoints": (3, "Newest checkpoints kept in workdir/checkpoints."),
+    "train.checkpoint_steps": ((), "Steps also checkpointed and never pruned (a cooldown ladder's branch points); () for none."),
     "train.peak_flops_per_device": (0.0, "Peak FLOP/s per device for MFU; 0: the device table, or measured on CPU."),
     # Sparse pre-training (chinchax.training.sparsity): gradual global magnitude pruning of the Dense kernels.
     "sparsity.target": (0.0, "Final fraction of the Dense-kernel weights set to zero; 0 trains dense (no pruning)."),
@@ -136,6 +137,7 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     cfg.unlock()
     cfg.update_from_flattened_dict(flatten(json.loads(text)))
     cfg.train.batch_ramp = tuple(tuple(pair) for pair in cfg.train.batch_ramp)
+    cfg.train.checkpoint_steps = tuple(cfg.train.checkpoint_steps)
     cfg.lock()
     return validate(cfg)
 
@@ -287,6 +289,10 @@ def _check_loop(t: ml_collections.ConfigDict, need: _Need) -> None:
     """train.* of the loop: positive intervals and counts, final-evaluation splits named at most once."""
     for key in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
         need(t[key] >= 1, f"train.{key}={t[key]} must be >= 1")
+    need(
+        all(isinstance(s, int) and s >= 1 for s in t.checkpoint_steps),
+        f"train.checkpoint_steps={t.checkpoint_steps!r} must be steps >= 1",
+    )
     need(isinstance(t.final_eval, str), f"train.final_eval={t.final_eval!r} must be a comma-separated string")
     splits = final_eval_splits(t)
     need(

@@ -41,6 +41,7 @@ MAY_DIFFER = (
     "train.final_eval",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.checkpoint_steps",
     "train.peak_flops_per_device",
     "train.microbatches",
     "model.remat",

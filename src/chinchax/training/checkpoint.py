@@ -44,9 +44,16 @@ def read_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
     return config_lib.from_json(path.read_text())
 
 
-def manager(workdir: pathlib.Path, keep: int = 3) -> ocp.CheckpointManager:
-    """An async CheckpointManager over workdir/checkpoints keeping the newest `keep`."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+def manager(workdir: pathlib.Path, keep: int = 3, kept_steps=()) -> ocp.CheckpointManager:
+    """An async CheckpointManager over workdir/checkpoints keeping the newest `keep` and those at `kept_steps`."""
+    policies = ocp.checkpoint_managers
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policies.AnyPreservationPolicy(
+            [policies.LatestN(n=keep), policies.CustomSteps(steps=kept_steps)]
+        ),
+        enable_async_checkpointing=True,
+        create=True,
+    )
     return ocp.CheckpointManager(
         pathlib.Path(workdir).absolute() / "checkpoints",
         options=options,

@@ -309,7 +309,8 @@ def train(
                     with _timed(progress.spent, "eval"):
                         record["eval_loss"] = evaluate(state.params, "validation")
                 log.record(record)
-            if done % cfg.train.checkpoint_every == 0 or done == schedule.steps or stop.requested:
+            every = done % cfg.train.checkpoint_every == 0 or done in cfg.train.checkpoint_steps
+            if every or done == schedule.steps or stop.requested:
                 with _timed(progress.spent, "checkpoint"):
                     checkpoint.save(mngr, done, state, loader)
                 last_saved = done
@@ -344,7 +345,7 @@ def _start(cfg: ml_collections.ConfigDict, devices, schedule: TrainSchedule, loa
     init = functools.partial(init_state, schedule=schedule)
     target = mesh.sharded_shapes(cfg, devices, jax.eval_shape(lambda: init(cfg, rng)))
     step_fn = mesh.jit_train_step(cfg, devices, make_train_step(cfg, schedule), target)
-    mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints)
+    mngr = checkpoint.manager(workdir, cfg.train.keep_checkpoints, cfg.train.checkpoint_steps)
     found = checkpoint.restore_latest(mngr, target, loader, set_aside=True)
     state = found[1] if found else mesh.init_sharded_state(cfg, devices, init, rng, target)
     return step_fn, mngr, state, bool(found)
