@@ -193,28 +193,14 @@ class Block(nn.Module):
         x = x + y
 
         h = _norm(cfg, "ln_2")(x)
-        up = nn.Dense(
-            d_ffn(cfg),
-            dtype=jnp.dtype(cfg.compute_dtype),
-            use_bias=cfg.bias,
-            kernel_init=_init(cfg, ("fc1", "kernel"), ("embed", "mlp")),
-            bias_init=_init(cfg, ("fc1", "bias"), ("mlp",)),
-            name="fc1",
-        )(h)
+        up = self.dense(d_ffn(cfg), "fc1", ("embed", "mlp"))(h)
         if cfg.mlp == "swiglu":
             gate = self.dense(d_ffn(cfg), "gate", ("embed", "mlp"))(h)
             h = nn.silu(gate) * up
         else:
             h = nn.gelu(up, approximate=False)
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
-        h = nn.Dense(
-            cfg.d_model,
-            dtype=jnp.dtype(cfg.compute_dtype),
-            use_bias=cfg.bias,
-            kernel_init=_init(cfg, ("fc2", "kernel"), ("mlp", "embed")),
-            bias_init=_init(cfg, ("fc2", "bias"), ("embed",)),
-            name="fc2",
-        )(h)
+        h = self.dense(cfg.d_model, "fc2", ("mlp", "embed"))(h)
         x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
         self.sow("intermediates", "block_output", jnp.mean(jnp.abs(x)))
         return x, None
