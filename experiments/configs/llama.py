@@ -6,17 +6,9 @@ shapes, trained the same way for 20 tokens per parameter of its own count.
 also its own `model.*` field, for ablations one at a time).
 """
 
-from chinchax.config import kv_heads
+from chinchax.config import LLAMA_BLOCK, kv_heads
 from experiments.configs import cerebras_gpt
 
-# The block's switches; kv_heads comes from KV_GROUP.
-LLAMA_BLOCK = {
-    "norm": "rmsnorm",
-    "position": "rope",
-    "mlp": "swiglu",
-    "bias": False,
-    "tie_embeddings": False,
-}
 KV_GROUP = 4  # query heads per key/value head where n_heads allows it (Llama 3 8B: 32 heads, 8 kv heads)
 
 POINTS = [f"llama_{size}" for size in cerebras_gpt.FAMILY]

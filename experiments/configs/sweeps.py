@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 
+from chinchax.config import LLAMA_BLOCK
 from chinchax.scaling import plan
 from chinchax.scaling.sweep import Sweep, SweepError, seeded
 from experiments import configs
@@ -37,15 +38,11 @@ ISOFLOP_HEAD = 4
 # widths, d16 … d96.
 BLOCK_BUDGETS = LADDER_BUDGETS[:6]
 BLOCK_HEAD = 8
-# The Llama block at CPU widths: RMSNorm, rotary positions, SwiGLU (hidden 8/3·d up to a multiple of 16), no biases,
-# an untied head, and two query heads per kv head (cpu_tiny's 2 heads → 1 kv head: the planner keeps the ratio).
-LLAMA_CPU = (
-    ("model.norm", "rmsnorm"),
-    ("model.position", "rope"),
-    ("model.mlp", "swiglu"),
+# The Llama block at CPU widths: LLAMA_BLOCK (RMSNorm, rotary positions, SwiGLU, no biases, an untied head) with
+# SwiGLU's hidden 8/3·d up to a multiple of 16, and two query heads per kv head (cpu_tiny's 2 heads → 1 kv head:
+# the planner keeps the ratio).
+LLAMA_CPU = tuple((f"model.{key}", value) for key, value in LLAMA_BLOCK.items()) + (
     ("model.d_ffn_multiple", 16),
-    ("model.bias", False),
-    ("model.tie_embeddings", False),
     ("model.kv_heads", 1),
 )
 BLOCKS = {"gpt3": (), "llama": LLAMA_CPU}

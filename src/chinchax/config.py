@@ -102,6 +102,9 @@ LAYER_LOOPS = ("scan", "unroll", "auto")
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
+# The Llama block's switches (HF LlamaForCausalLM's layout; kv_heads is each config's own): the `llama` family
+# preset (experiments/configs/llama.py), the coordinate check's and the CPU sweeps' Llama blocks start from it.
+LLAMA_BLOCK = {"norm": "rmsnorm", "position": "rope", "mlp": "swiglu", "bias": False, "tie_embeddings": False}
 REMATS = ("none", "dots", "full")  # lightest first: what 'auto' tries in this order
 AUTO = 0  # train.microbatches = 0 (on the command line also 'auto'): the fewest that fit the device
 EVAL_SPLITS = ("validation", "test")  # what train.final_eval may name

@@ -18,20 +18,10 @@ from chinchax import config, parametrization
 from chinchax.model import gpt
 
 ACTIVATIONS = ("embedding", "attention_logits", "block_output", "logits")
-# Each block's model switches at check widths. The Llama block's are experiments/configs/llama.py's LLAMA_BLOCK
-# (the library does not import experiments), with SwiGLU's hidden width rounded to 16 rather than 256 so that it
-# stays near 8/3·d at these widths, and LLAMA_KV_GROUP query heads per key/value head.
-BLOCKS = {
-    "gpt3": {},
-    "llama": {
-        "norm": "rmsnorm",
-        "position": "rope",
-        "mlp": "swiglu",
-        "d_ffn_multiple": 16,
-        "bias": False,
-        "tie_embeddings": False,
-    },
-}
+# Each block's model switches at check widths: the Llama block is config.LLAMA_BLOCK with SwiGLU's hidden width
+# rounded to 16 rather than 256 (so that it stays near 8/3·d at these widths), and LLAMA_KV_GROUP query heads per
+# key/value head.
+BLOCKS = {"gpt3": {}, "llama": {**config.LLAMA_BLOCK, "d_ffn_multiple": 16}}
 LLAMA_KV_GROUP = 2
 
 
